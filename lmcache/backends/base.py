@@ -1,0 +1,228 @@
+"""The Backend contract: every array operation the backend-neutral core needs.
+
+The core (cache, quant, calibrate, store, policies) never touches a framework. It holds
+arrays of the backend's own type and calls the methods below. A backend implements the
+abstract methods; the concrete ones are composites that a backend may override with a
+faster path (a fused kernel, for instance).
+
+Shapes follow the cache: ``[batch, heads, tokens, head_dim]``. Dtypes are named by
+strings (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"uint8"``, ...), never by a
+framework's dtype objects, so the core can reason about them.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..quant import QuantSpec, hadamard
+
+Array = Any  # an array of the backend's framework
+
+#: The float dtypes a cache accepts, when the backend has them.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class QuantBlock:
+    """One quantized span of a K or V tensor, in the DESIGN.md format.
+
+    ``codes``: uint8 ``[B, H, T, D * bits // 8]`` (packed along head_dim).
+    ``scale``/``lo``: ``[B, H, T // group, D]`` for keys (``axis=-2``),
+    ``[B, H, T, D // group]`` for values (``axis=-1``); float16, or float32 for float32 input.
+    """
+
+    codes: Array
+    scale: Array
+    lo: Array
+    spec: QuantSpec
+
+
+@dataclass
+class KVView:
+    """What attention reads for one group of KV heads of one layer.
+
+    ``k_blocks``/``v_blocks``: the quantized spans oldest first (each a ``QuantBlock``, or
+    a plain ``[B, H, T_i, D]`` array where that side is kept in full precision), covering
+    ``n_quant`` tokens in all. ``k_res``/``v_res``: the full-precision residual
+    ``[B, H, R, D]`` (or ``None``). ``rotate_k``/``rotate_v``: whether the stored side is in
+    the Hadamard-rotated space. ``dtype``: the dtype name of the cache's input.
+    """
+
+    k_blocks: list = field(default_factory=list)
+    v_blocks: list = field(default_factory=list)
+    n_quant: int = 0
+    k_res: Array | None = None
+    v_res: Array | None = None
+    rotate_k: bool = False
+    rotate_v: bool = False
+    dtype: str = "float32"
+
+
+class Backend(abc.ABC):
+    """One array framework (and device) the cache runs on.
+
+    Subclasses set ``name`` and import their framework in ``__init__`` (never at module
+    import), so that ``import lmcache`` costs nothing.
+    """
+
+    name: str = "base"
+    #: The ``pip install`` extra that brings the framework.
+    extra: str = ""
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+
+    # ------------------------------------------------------------------ description
+    @abc.abstractmethod
+    def devices(self) -> list[str]:
+        """The devices this backend can place arrays on, e.g. ``["cpu", "cuda:0"]``."""
+
+    def kernel_path(self) -> str:
+        """A short sentence saying which code runs quantization and attention."""
+        return "composite ops (no fused kernels)"
+
+    def has_accelerator(self) -> bool:
+        """Whether this backend sees a GPU or other accelerator (used by ``"auto"``)."""
+        return False
+
+    def supports_dtype(self, dtype: str) -> bool:
+        """Whether arrays of the dtype name ``dtype`` can be created on this backend."""
+        return dtype in FLOAT_DTYPES
+
+    # ------------------------------------------------------------------ arrays
+    @abc.abstractmethod
+    def is_array(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend's framework."""
+
+    @abc.abstractmethod
+    def dtype_name(self, x: Array) -> str:
+        """The dtype of ``x`` as a string (``"float16"``, ``"bfloat16"``, ``"uint8"``...)."""
+
+    @abc.abstractmethod
+    def device_of(self, x: Array) -> str:
+        """The device ``x`` lives on, as a string (``"cpu"``, ``"cuda:0"``...)."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Copy ``x`` to a host numpy array (bfloat16 becomes float32)."""
+
+    @abc.abstractmethod
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None, device: str | None = None) -> Array:
+        """Make a backend array from numpy ``a``, cast to ``dtype`` and placed on ``device``."""
+
+    @abc.abstractmethod
+    def empty(self, shape: Sequence[int], dtype: str, device: str | None = None) -> Array:
+        """An uninitialised array of ``shape`` and dtype name ``dtype``."""
+
+    @abc.abstractmethod
+    def cast(self, x: Array, dtype: str) -> Array:
+        """``x`` converted to the dtype name ``dtype`` (no copy when it already is)."""
+
+    @abc.abstractmethod
+    def concat(self, xs: Sequence[Array], axis: int) -> Array:
+        """Concatenate ``xs`` along ``axis``."""
+
+    @abc.abstractmethod
+    def write(self, buf: Array, start: int, value: Array, axis: int = 2) -> Array:
+        """Write ``value`` into ``buf`` at ``start`` along ``axis``; return the buffer.
+
+        Frameworks with immutable arrays return a new array; callers always keep the result.
+        """
+
+    @abc.abstractmethod
+    def matmul(self, a: Array, b: Array) -> Array:
+        """Batched matrix product ``a @ b`` with broadcasting over leading axes."""
+
+    @abc.abstractmethod
+    def nbytes(self, x: Array) -> int:
+        """Bytes held by ``x``'s elements."""
+
+    # ------------------------------------------------------------------ eviction
+    @abc.abstractmethod
+    def topk(self, x: Array, k: int) -> Array:
+        """Indices (int64) of the ``k`` largest entries of ``x`` along its last axis, ascending.
+
+        Ties go to the lower index, so every backend keeps the same tokens.
+        """
+
+    @abc.abstractmethod
+    def gather(self, x: Array, index: Array, axis: int) -> Array:
+        """``take_along_axis(x, index, axis)``: per-row selection, e.g. kept tokens per head."""
+
+    # ------------------------------------------------------------------ transfers
+    def to_host(self, x: Array) -> np.ndarray:
+        """Copy to host memory (for the host, disk and remote tiers)."""
+        return self.to_numpy(x)
+
+    def to_device(self, a: np.ndarray, dtype: str | None = None, device: str | None = None) -> Array:
+        """Copy host ``a`` onto ``device`` (default: this backend's device)."""
+        return self.from_numpy(a, dtype, device if device is not None else self.device)
+
+    # ------------------------------------------------------------------ quantization
+    @abc.abstractmethod
+    def quantize(self, x: Array, spec: QuantSpec) -> QuantBlock:
+        """Quantize and pack ``x`` (float ``[..., n, D]``) along ``spec.axis`` (DESIGN.md format).
+
+        Rotation is not applied here: ``spec.rotate`` is handled by the caller.
+        """
+
+    @abc.abstractmethod
+    def dequantize(self, q: QuantBlock, dtype: str) -> Array:
+        """Unpack and dequantize ``q`` to an array of dtype name ``dtype``, shape ``[..., n, D]``."""
+
+    def rotate(self, x: Array) -> Array:
+        """``x @ H`` with the normalized Sylvester-Hadamard matrix over the last axis.
+
+        ``H`` is symmetric and orthonormal, so the same call undoes it. Computed in float32.
+        """
+        d = x.shape[-1]
+        h = self.from_numpy(hadamard(d), "float32", self.device_of(x))
+        return self.cast(self.matmul(self.cast(x, "float32"), h), self.dtype_name(x))
+
+    # ------------------------------------------------------------------ attention
+    @abc.abstractmethod
+    def attention(self, q: Array, k: Array, v: Array, scale: float) -> Array:
+        """Plain causal attention of the newest ``L`` tokens, in float32 accumulation.
+
+        ``q``: ``[B, Hq, L, D]``; ``k``/``v``: ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``
+        (query head ``h`` reads KV head ``h // (Hq // Hkv)``) and ``L <= T``. Query ``i``
+        sits at position ``T - L + i`` and sees tokens ``0..T - L + i``. Returns
+        ``[B, Hq, L, D]`` in ``q``'s dtype.
+        """
+
+    def dequantize_view(self, view: KVView) -> tuple[Array, Array]:
+        """The whole K and V of ``view`` as ``[B, H, T, D]`` arrays of ``view.dtype``.
+
+        Rotated sides are rotated back, so the result is in the model's space.
+        """
+        ks = [b if not isinstance(b, QuantBlock) else self.dequantize(b, view.dtype) for b in view.k_blocks]
+        vs = [b if not isinstance(b, QuantBlock) else self.dequantize(b, view.dtype) for b in view.v_blocks]
+        if view.k_res is not None:
+            ks.append(view.k_res)
+            vs.append(view.v_res)
+        k = ks[0] if len(ks) == 1 else self.concat(ks, axis=2)
+        v = vs[0] if len(vs) == 1 else self.concat(vs, axis=2)
+        if view.rotate_k:
+            k = self.rotate(k)
+        if view.rotate_v:
+            v = self.rotate(v)
+        return k, v
+
+    def attend(self, q: Array, view: KVView, scale: float) -> Array:
+        """Causal attention of ``q`` (``[B, Hq, L, D]``) over the compressed ``view``.
+
+        The reference composite: dequantize, then ``attention``. Backends with a fused
+        kernel override this to read the packed codes in place.
+        """
+        k, v = self.dequantize_view(view)
+        return self.attention(q, k, v, scale)
+
+    @staticmethod
+    def default_scale(head_dim: int) -> float:
+        return 1.0 / math.sqrt(head_dim)

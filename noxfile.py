@@ -1,0 +1,60 @@
+"""Test sessions per hardware target (gt4py's habit: one table, one session per device).
+
+``nox -s tests-cpu`` (the default) installs every backend that runs on this machine's CPU
+and runs the kernels under their interpreters. ``tests-cuda``, ``tests-rocm`` and
+``tests-metal`` select the GPU tests; on a machine without network run them with
+``nox --no-venv -s tests-cuda`` against the installed packages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests-cpu"]
+nox.options.default_venv_backend = "venv"
+
+# target -> (pip requirements, pytest marker expression, environment)
+TARGETS = {
+    "cpu": (
+        # torch pinned: the CPU build of 2.13.0 ships on these machines; plain `torch` pulls CUDA.
+        ["torch==2.13.0", "-e", ".[torch,jax,mlx,redis,dev]"],
+        "not cuda and not rocm and not metal",
+        {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "LMCACHE_TEST_BACKENDS": "numpy,torch,jax,mlx"},
+    ),
+    "cuda": (["-e", ".[torch,jax,redis,dev]"], "not rocm and not metal",
+             {"LMCACHE_TEST_DEVICE": "cuda", "LMCACHE_TEST_BACKENDS": "numpy,torch,jax"}),
+    "rocm": (["-e", ".[torch,redis,dev]"], "not cuda and not metal",
+             {"LMCACHE_TEST_DEVICE": "cuda", "LMCACHE_TEST_BACKENDS": "numpy,torch"}),
+    "metal": (["-e", ".[mlx,redis,dev]"], "not cuda and not rocm",
+              {"LMCACHE_TEST_DEVICE": "metal", "LMCACHE_TEST_BACKENDS": "numpy,mlx"}),
+}
+
+
+def _session(target: str):
+    reqs, markers, env = TARGETS[target]
+
+    def run(session: nox.Session) -> None:
+        if session.venv_backend != "none":
+            session.install(*reqs)
+        session.run("pytest", "-m", markers, *session.posargs, env={**env, **_passthrough()})
+
+    run.__doc__ = f"Run the tests for the {target} target."
+    return run
+
+
+def _passthrough() -> dict:
+    keep = ("LMCACHE_REQUIRE_ALL",)
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+for _target in TARGETS:
+    nox.session(name=f"tests-{_target}")(_session(_target))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests and benchmarks."""
+    session.install("ruff")
+    session.run("ruff", "check", "lmcache", "tests", "bench", "noxfile.py")
