@@ -123,9 +123,11 @@ class Cache:
             if not be.is_array(x):
                 raise TypeError(f"{name} must be a {be.name} array like the rest of the cache, got {type(x).__name__}")
             if len(x.shape) != 4:
-                raise ValueError(f"{name} must have shape [batch, kv_heads, new_tokens, head_dim], got {tuple(x.shape)}")
+                raise ValueError(f"{name} must have shape [batch, kv_heads, new_tokens, head_dim], "
+                                 f"got {tuple(x.shape)}")
         if tuple(keys.shape) != tuple(values.shape):
-            raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
+            raise ValueError(f"keys and values must have the same shape, "
+                             f"got {tuple(keys.shape)} and {tuple(values.shape)}")
         dtype = be.dtype_name(keys)
         if be.dtype_name(values) != dtype:
             raise TypeError(f"keys and values must have the same dtype, got {dtype} and {be.dtype_name(values)}")
@@ -243,7 +245,6 @@ class Cache:
 
     def dense_nbytes(self) -> int:
         """What the same tokens take uncompressed, in the input dtype (for compression ratios)."""
-        be = self._be
         total = 0
         for ly in self._layers:
             itemsize = 2 if ly.dtype in ("float16", "bfloat16") else 4
