@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,9 +10,9 @@ import numpy as np
 from ..quant import QuantSpec, storage_dtype
 from .base import Backend, QuantBlock
 
-# Bytes of input quantized per step: large enough to amortise numpy's per-call cost,
-# small enough that a chunk's temporaries stay in the L2 cache (measured on the 2-core
-# CI machine: 256 KiB chunks run quantize about 2x faster than one pass over 64 MB).
+# Float32 bytes quantized per step: large enough to amortise numpy's per-call cost, small
+# enough that a chunk's temporaries stay in the L2 cache (bench/quant_cpu.py on the 2-core
+# EPYC CI machine: 256 KiB chunks beat whole-head passes of 2 MiB).
 _CHUNK_BYTES = 1 << 18
 
 
@@ -23,14 +24,26 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+_LITTLE = sys.byteorder == "little"
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack uint8 ``codes`` (``[..., D]``, values below ``2**bits``) into ``[..., D * bits // 8]``."""
     if bits == 8:
         return codes
     per = 8 // bits
+    codes = np.ascontiguousarray(codes)
+    if _LITTLE:
+        # Read 2 (4) codes as one little-endian uint16 (uint32) and slide the fields together:
+        # whole-array integer ops instead of strided byte gathers.
+        if bits == 4:
+            v = codes.view(np.uint16)
+            return ((v & 0xF) | ((v >> 4) & 0xF0)).astype(np.uint8)
+        v = codes.view(np.uint32)
+        return ((v & 0x3) | ((v >> 6) & 0xC) | ((v >> 12) & 0x30) | ((v >> 18) & 0xC0)).astype(np.uint8)
     c = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per, per))
     out = c[..., 0].copy()
-    for j in range(1, per):  # 2 or 4 shifts, over whole arrays
+    for j in range(1, per):
         out |= c[..., j] << np.uint8(bits * j)
     return out
 
@@ -40,10 +53,16 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed
     per = 8 // bits
-    mask = np.uint8((1 << bits) - 1)
-    shifts = (np.arange(per, dtype=np.uint8) * np.uint8(bits))
-    c = (packed[..., None] >> shifts) & mask
-    return c.reshape(packed.shape[:-1] + (packed.shape[-1] * per,))
+    shape = packed.shape[:-1] + (packed.shape[-1] * per,)
+    if _LITTLE:
+        if bits == 4:
+            v = packed.astype(np.uint16)
+            return ((v & 0xF) | ((v & 0xF0) << 4)).view(np.uint8).reshape(shape)
+        v = packed.astype(np.uint32)
+        v = (v & 0x3) | ((v & 0xC) << 6) | ((v & 0x30) << 12) | ((v & 0xC0) << 18)
+        return v.view(np.uint8).reshape(shape)
+    shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
+    return ((packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(shape)
 
 
 def _grouped(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int]:
@@ -54,22 +73,27 @@ def _grouped(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int]:
     return x.reshape(x.shape[:-2] + (x.shape[-2] // g, g, x.shape[-1])), -2
 
 
-def _quantize_rows(x: np.ndarray, spec: QuantSpec, sdtype: np.dtype):
-    """Quantize a float32 array whose leading axes are independent rows."""
+def _quantize_chunk(x: np.ndarray, spec: QuantSpec, sdtype: np.dtype):
+    """Quantize float ``x`` ``[n, D]`` (whole groups): returns packed codes, scale, lo."""
     xg, ax = _grouped(x, spec)
     lo = xg.min(axis=ax)
     hi = xg.max(axis=ax)
-    scale_s = ((hi - lo) / np.float32(spec.qmax)).astype(sdtype)
+    scale_s = ((hi.astype(np.float32) - lo.astype(np.float32)) / np.float32(spec.qmax)).astype(sdtype)
     lo_s = lo.astype(sdtype)
     scale_s[scale_s == 0] = 1
     s = np.expand_dims(scale_s.astype(np.float32, copy=False), ax)
     lo_f = np.expand_dims(lo_s.astype(np.float32, copy=False), ax)
-    t = np.subtract(xg, lo_f)
+    t = np.subtract(xg, lo_f, dtype=np.float32)
     t /= s
     np.rint(t, out=t)  # round half to even
     np.clip(t, 0, spec.qmax, out=t)
-    codes = t.astype(np.uint8).reshape(x.shape)
-    return pack(codes, spec.bits), scale_s, lo_s
+    return pack(t.astype(np.uint8).reshape(x.shape), spec.bits), scale_s, lo_s
+
+
+def _token_step(spec: QuantSpec, n: int, d: int) -> int:
+    """Tokens per chunk: about _CHUNK_BYTES of float32, whole key groups, at least one group."""
+    unit = spec.group_size if spec.axis == -2 else 1
+    return min(n, max(unit, _CHUNK_BYTES // (4 * d) // unit * unit))
 
 
 class NumpyBackend(Backend):
@@ -153,46 +177,47 @@ class NumpyBackend(Backend):
     def quantize(self, x, spec: QuantSpec) -> QuantBlock:
         x = np.asarray(x)
         sdtype = np.dtype(storage_dtype(x.dtype.name))
-        shape = x.shape
-        # Rows of the leading axes are independent: process a few at a time so that the
-        # float32 temporaries stay in cache.
-        rows = x.reshape((-1,) + shape[-2:])
-        row_bytes = max(1, shape[-2] * shape[-1] * 4)
-        step = max(1, _CHUNK_BYTES // row_bytes)
-        n = rows.shape[0]
-        packed_last = shape[-1] // spec.per_byte
-        codes = np.empty((n, shape[-2], packed_last), np.uint8)
-        sshape = (shape[-2] // spec.group_size, shape[-1]) if spec.axis == -2 else \
-            (shape[-2], shape[-1] // spec.group_size)
-        scale = np.empty((n,) + sshape, sdtype)
-        lo = np.empty((n,) + sshape, sdtype)
-        for i in range(0, n, step):
-            chunk = rows[i:i + step].astype(np.float32, copy=False)
-            codes[i:i + step], scale[i:i + step], lo[i:i + step] = _quantize_rows(chunk, spec, sdtype)
-        lead = shape[:-2]
+        *lead, n, d = x.shape
+        g = spec.group_size
+        rows = x.reshape((-1, n, d))
+        r = rows.shape[0]
+        codes = np.empty((r, n, d // spec.per_byte), np.uint8)
+        sshape = (n // g, d) if spec.axis == -2 else (n, d // g)
+        scale = np.empty((r,) + sshape, sdtype)
+        lo = np.empty((r,) + sshape, sdtype)
+        # Chunks of whole groups sized so their float32 temporaries stay in cache.
+        step = _token_step(spec, n, d)
+        sg = g if spec.axis == -2 else 1
+        for i in range(r):
+            for t0 in range(0, n, step):
+                t1 = min(n, t0 + step)
+                c, sc, lo_ = _quantize_chunk(rows[i, t0:t1], spec, sdtype)
+                codes[i, t0:t1], scale[i, t0 // sg:t1 // sg], lo[i, t0 // sg:t1 // sg] = c, sc, lo_
+        lead = tuple(lead)
         return QuantBlock(codes.reshape(lead + codes.shape[1:]), scale.reshape(lead + sshape),
                           lo.reshape(lead + sshape), spec)
 
     def dequantize(self, q: QuantBlock, dtype: str):
         spec = q.spec
-        out_dt = _np_dtype(dtype)
-        shape = q.codes.shape[:-1] + (q.codes.shape[-1] * spec.per_byte,)
-        rows_c = q.codes.reshape((-1,) + q.codes.shape[-2:])
+        *lead, n, p = q.codes.shape
+        d = p * spec.per_byte
+        g = spec.group_size
+        sg = g if spec.axis == -2 else 1
+        rows_c = q.codes.reshape((-1, n, p))
         rows_s = q.scale.reshape((-1,) + q.scale.shape[-2:])
         rows_l = q.lo.reshape((-1,) + q.lo.shape[-2:])
-        n = rows_c.shape[0]
-        out = np.empty((n,) + shape[-2:], out_dt)
-        step = max(1, _CHUNK_BYTES // max(1, shape[-2] * shape[-1] * 4))
-        ax = -1 if spec.axis == -1 else -2
-        for i in range(0, n, step):
-            c = unpack(rows_c[i:i + step], spec.bits).astype(np.float32)
-            cg, _ = _grouped(c, spec)
-            s = np.expand_dims(rows_s[i:i + step].astype(np.float32, copy=False), ax)
-            lo = np.expand_dims(rows_l[i:i + step].astype(np.float32, copy=False), ax)
-            cg *= s
-            cg += lo
-            out[i:i + step] = c
-        return out.reshape(shape)
+        out = np.empty((rows_c.shape[0], n, d), _np_dtype(dtype))
+        step = _token_step(spec, n, d)
+        ax = spec.axis
+        for i in range(rows_c.shape[0]):
+            for t0 in range(0, n, step):
+                t1 = min(n, t0 + step)
+                c = unpack(rows_c[i, t0:t1], spec.bits).astype(np.float32)
+                cg, _ = _grouped(c, spec)
+                cg *= np.expand_dims(rows_s[i, t0 // sg:t1 // sg].astype(np.float32, copy=False), ax)
+                cg += np.expand_dims(rows_l[i, t0 // sg:t1 // sg].astype(np.float32, copy=False), ax)
+                out[i, t0:t1] = c
+        return out.reshape(tuple(lead) + (n, d))
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, k, v, scale):

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``lmcache`` console script (see ``lmcache.cli``)."""
