@@ -26,7 +26,7 @@ def require(module: str, why: str = ""):
         msg = f"{module} is not installed{': ' + why if why else ''} ({e})"
         if REQUIRE_ALL:
             pytest.fail(msg + " and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
-        pytest.skip(msg)
+        pytest.skip(msg, allow_module_level=True)
 
 
 def test_backends() -> list[str]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lmcache
+from conftest import require
 from lmcache.quant import hadamard
 
 
@@ -99,7 +100,7 @@ def test_nbytes_counts_codes_scales_and_residual(rng):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_dtypes(dtype, rng):
     if dtype == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
+        ml_dtypes = require("ml_dtypes")
         npdt = ml_dtypes.bfloat16
     else:
         npdt = np.dtype(dtype)
