@@ -1,0 +1,267 @@
+"""Decode attention over the compressed cache vs torch SDPA over float16 KV, and quantize+pack speed.
+
+Llama-2-13B attention shape (40 query heads = 40 KV heads, head_dim 128), one new query token,
+batch 1 and 16 at 4K and 32K tokens and batch 1 at 128K. The cache is laid out as ``Cache``
+keeps it: the oldest tokens in one quantized block (keys 4/8-bit per channel over 64 tokens,
+values per token over 64 channels), the newest 128 in float16. Also times quantize+pack of one
+layer's K and V for a 32K-token prefill and the device copy bandwidth, in the same run.
+
+    python bench/decode_attention.py            # on a CUDA or ROCm GPU
+Prints a table and writes bench/results/decode_attention-<card>.json (or under --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lmcache.backends.base import QuantBlock  # noqa: E402
+from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
+from lmcache.backends.torch.triton.dequantize import dequantize  # noqa: E402
+from lmcache.backends.torch.triton.quantize import quantize  # noqa: E402
+from lmcache.quant import QuantSpec  # noqa: E402
+
+HEADS, HEAD_DIM, GROUP, RESIDUAL = 40, 128, 64, 128
+SHAPES = [(1, 4096), (16, 4096), (1, 32768), (16, 32768), (1, 131072)]
+PREFILL = 32768
+DEV = "cuda"
+
+
+def timed(fn, *args, warmup: int = 3, iters: int = 15) -> float:
+    """Median milliseconds of ``fn(*args)`` over ``iters`` runs, by CUDA events, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn(*args)
+    if DEV != "cuda":  # --smoke: host clock
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*args)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second, of a 2 GiB buffer."""
+    src = torch.empty(1 << 30 if DEV == "cuda" else 1 << 16, dtype=torch.float16, device=DEV).normal_()
+    dst = torch.empty_like(src)
+    ms = timed(dst.copy_, src, iters=20)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return nbytes / (ms * 1e-3)
+
+
+def nbytes(*xs) -> int:
+    total = 0
+    for x in xs:
+        if isinstance(x, QuantBlock):
+            total += nbytes(x.codes, x.scale, x.lo)
+        else:
+            total += x.numel() * x.element_size()
+    return total
+
+
+def make_cache(k, v, bits):
+    """Segments as Cache holds them: one quantized block, then the float16 residual."""
+    t = k.shape[2] - RESIDUAL
+    ks, vs = QuantSpec(bits, GROUP, -2), QuantSpec(bits, min(GROUP, HEAD_DIM), -1)
+    kq = QuantBlock(*quantize(k[:, :, :t], ks), ks)
+    vq = QuantBlock(*quantize(v[:, :, :t], vs), vs)
+    return [(kq, vq), (k[:, :, t:].contiguous(), v[:, :, t:].contiguous())]
+
+
+def rel_err(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check(segs, q, scale) -> float:
+    """Relative error of the fused kernel against SDPA over the dequantized cache."""
+    (kq, vq), (kr, vr) = segs
+    k = torch.cat([dequantize(kq.codes, kq.scale, kq.lo, kq.spec, torch.float16), kr], 2)
+    v = torch.cat([dequantize(vq.codes, vq.scale, vq.lo, vq.spec, torch.float16), vr], 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    return rel_err(da.decode_attention(q, segs, scale), ref)
+
+
+def sweep(segs, q, scale) -> dict:
+    """Try launch settings of the row kernel on the batch-16 / 32K 4-bit case; keep the fastest in ``da.CONFIG``."""
+    best = None
+
+    def trial(pps, **cfg):
+        nonlocal best
+        da.CONFIG["programs_per_sm"] = pps
+        da.CONFIG["rows"] = dict(cfg)
+        try:
+            ms = timed(da.decode_attention, q, segs, scale, warmup=2, iters=7)
+        except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+            print(f"  pps={pps} {cfg}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+            return
+        print(f"  pps={pps} {cfg}: {ms:.3f} ms", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, pps, dict(cfg))
+
+    if DEV == "cuda":
+        grid = [(1, 64, 2, True), (1, 64, 3, True), (1, 32, 2, True), (2, 64, 2, True), (1, 16, 2, False),
+                (1, 16, 3, False), (2, 32, 2, False), (4, 64, 2, False)]
+    else:
+        grid = [(1, 16, 2, True), (1, 16, 2, False)]
+    for nw, bn, st, vred in grid:
+        trial(8, num_warps=nw, block_n=bn, num_stages=st, vred=vred)
+    for pps in (4, 16, 32) if DEV == "cuda" else ():
+        trial(pps, **best[2])
+    da.CONFIG["programs_per_sm"] = best[1]
+    da.CONFIG["rows"] = best[2]
+    return {"best_ms": best[0], "programs_per_sm": best[1], "rows": best[2]}
+
+
+def bench_quantize(bw: float) -> dict:
+    """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits."""
+    k = torch.randn(1, HEADS, PREFILL, HEAD_DIM, dtype=torch.float16, device=DEV)
+    v = torch.randn_like(k)
+    quant = {}
+    for bits in (4, 8):
+        ks, vs = QuantSpec(bits, GROUP, -2), QuantSpec(bits, GROUP, -1)
+
+        def run(ks, vs):
+            return quantize(k, ks), quantize(v, vs)
+
+        ms = timed(run, ks, vs)
+        (kc, kss, kl), (vc, vss, vl) = run(ks, vs)
+        moved = nbytes(k, v, kc, kss, kl, vc, vss, vl)
+        k_ms = timed(quantize, k, ks)
+        v_ms = timed(quantize, v, vs)
+        quant[bits] = {"ms": ms, "bytes": moved, "GBps": moved / (ms * 1e-3) / 1e9,
+                       "fraction_of_copy": moved / (ms * 1e-3) / bw, "keys_ms": k_ms, "values_ms": v_ms}
+        print(f"quantize+pack {bits}-bit, 1 layer x 32K tokens: {ms:.3f} ms, {quant[bits]['GBps']:.0f} GB/s "
+              f"({100 * quant[bits]['fraction_of_copy']:.0f}% of copy)", flush=True)
+    return quant
+
+
+def bench_shape(batch: int, ctx: int, scale: float, do_sweep: bool) -> tuple[dict, dict | None]:
+    """SDPA over float16 KV and the fused kernel over 4- and 8-bit KV at one (batch, context)."""
+    k = torch.randn(batch, HEADS, ctx, HEAD_DIM, dtype=torch.float16, device=DEV)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=torch.float16, device=DEV)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa_ms = timed(lambda q, k, v: sdpa(q, k, v, scale=scale), q, k, v)
+    row = {"batch": batch, "context": ctx, "sdpa_fp16_ms": sdpa_ms,
+           "sdpa_TBps": nbytes(k, v, q) / (sdpa_ms * 1e-3) / 1e12}
+    caches = {bits: make_cache(k, v, bits) for bits in (4, 8)}
+    del k, v  # room at batch 16 / 128K
+    sw = sweep(caches[4], q, scale) if do_sweep else None
+    for bits, segs in caches.items():
+        ms = timed(da.decode_attention, q, segs, scale)
+        read = nbytes(*segs[0], *segs[1], q)
+        row[f"q{bits}_ms"] = ms
+        row[f"q{bits}_speedup"] = sdpa_ms / ms
+        row[f"q{bits}_bytes_read"] = read
+        row[f"q{bits}_TBps"] = read / (ms * 1e-3) / 1e12
+        row[f"q{bits}_rel_err_vs_dequant_sdpa"] = check(segs, q, scale) if batch * ctx <= 32768 else None
+    return row, sw
+
+
+def bench_gqa(scale: float) -> list:
+    """Grouped heads (40 query heads over 8 KV heads), batch 16, 32K, 1 and 4 query tokens: both kernels, 4-bit."""
+    out = []
+    for L in (1, 4):
+        k = torch.randn(16, 8, 32768, HEAD_DIM, dtype=torch.float16, device=DEV)
+        v = torch.randn_like(k)
+        q = torch.randn(16, HEADS, L, HEAD_DIM, dtype=torch.float16, device=DEV)
+        segs = make_cache(k, v, 4)
+        del k, v
+        saved = da.CONFIG["rows_max"]
+        for kind, rows_max in (("rows", 1 << 20), ("dot", 0)):
+            da.CONFIG["rows_max"] = rows_max
+            ms = timed(da.decode_attention, q, segs, scale)
+            out.append({"batch": 16, "context": 32768, "q_heads": HEADS, "kv_heads": 8, "q_len": L, "kernel": kind,
+                        "ms": ms, "TBps": nbytes(*segs[0], *segs[1], q) / (ms * 1e-3) / 1e12})
+            print(f"GQA 40/8 B=16 T=32768 L={L} {kind:>4}: {ms:.3f} ms", flush=True)
+        da.CONFIG["rows_max"] = saved
+        del segs
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-setting sweep")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET=1, to check the script itself")
+    args = ap.parse_args()
+    global DEV, HEADS, SHAPES, PREFILL, RESIDUAL
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 in the environment")
+        DEV, HEADS, SHAPES, PREFILL, RESIDUAL = "cpu", 2, [(1, 256), (16, 512)], 128, 64
+    elif not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA or ROCm GPU")
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "smoke-cpu"
+    scale = 1 / math.sqrt(HEAD_DIM)
+    t_start = time.time()
+    bw = copy_bandwidth()
+    print(f"{card}: device copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+
+    quant = bench_quantize(bw)
+
+    rows = []
+    sweep_result = None
+    for batch, ctx in sorted(SHAPES, key=lambda s: (s[0] == 1, s)):
+        big = max(SHAPES, key=lambda s: s[0] * s[1] * (s[0] > 1))
+        row, sw = bench_shape(batch, ctx, scale, do_sweep=(batch, ctx) == big and not args.no_sweep)
+        sweep_result = sweep_result or sw
+        rows.append(row)
+        print(f"B={batch:>2} T={ctx:>6}: sdpa fp16 {row['sdpa_fp16_ms']:.3f} ms | 4-bit {row['q4_ms']:.3f} ms "
+              f"x{row['q4_speedup']:.2f} {row['q4_TBps']:.2f} TB/s | 8-bit {row['q8_ms']:.3f} ms "
+              f"x{row['q8_speedup']:.2f} {row['q8_TBps']:.2f} TB/s", flush=True)
+        torch.cuda.empty_cache()
+
+    extra = bench_gqa(scale) if DEV == "cuda" else []
+
+    print()
+    print(f"{'batch':>5} {'ctx':>7} {'sdpa ms':>8} {'4b ms':>7} {'4b x':>6} {'4b TB/s':>8} {'8b ms':>7} "
+          f"{'8b x':>6} {'8b TB/s':>8}")
+    for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
+        print(f"{r['batch']:>5} {r['context']:>7} {r['sdpa_fp16_ms']:>8.3f} {r['q4_ms']:>7.3f} "
+              f"{r['q4_speedup']:>6.2f} {r['q4_TBps']:>8.2f} {r['q8_ms']:>7.3f} {r['q8_speedup']:>6.2f} "
+              f"{r['q8_TBps']:>8.2f}")
+    target = next(r for r in rows if (r["batch"], r["context"]) == max(SHAPES, key=lambda s: s[0] * s[1]))
+    result = {
+        "benchmark": "decode_attention", "card": card, "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "hip": torch.version.hip,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "shape": {"heads": HEADS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "q_len": 1, "group_size": GROUP,
+                  "residual_fp16_tokens": RESIDUAL},
+        "copy_bandwidth_Bps": bw, "quantize_pack_32k": quant, "decode": rows, "sweep": sweep_result,
+        "config": {k: v for k, v in da.CONFIG.items()}, "gqa": extra,
+        "targets": {"q4_speedup_b16_32k": target["q4_speedup"], "q4_target": 3.2,
+                    "q8_speedup_b16_32k": target["q8_speedup"], "q8_target": 1.7,
+                    "quantize_fraction_of_copy_4bit": quant[4]["fraction_of_copy"], "quantize_target": 0.6},
+        "seconds": time.time() - t_start,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    name = "decode_attention-" + "".join(ch if ch.isalnum() else "-" for ch in card).strip("-") + ".json"
+    path = os.path.join(args.out, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

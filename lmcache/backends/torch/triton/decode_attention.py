@@ -1,0 +1,565 @@
+"""Fused decode attention over the compressed cache, split along the sequence (flash-decoding).
+
+Two kernels over the same partial-result format, both reading the packed codes where they
+lie (never writing a dequantized copy of the cache):
+
+``_decode_rows_kernel`` (a few query rows per KV head, the common decode step): one program
+per query row and split, no matrix units. Codes are read as 32-bit words and turned into
+floats without the slow int-to-float conversion: a field masked in place and OR-ed with
+the exponent of 2**23 is the float ``2**23 + code * 2**e``; subtracting 2**23 leaves
+``code * 2**e`` exactly, and the power of two is folded into the query (keys) or applied
+once at the end (values). Keys go one field at a time through a chain of fused
+multiply-adds, ``q . (c * s + lo) = (q * s) . c + q . lo`` (a tile lies inside one key group).
+Values: with ``vred=False`` (the measured default) each of the ``BLOCK_N`` token slots of a
+tile keeps its own running output, so the loop never reduces across threads except for one
+max per tile; with ``vred=True`` the tile is reduced over its tokens every time. The
+accumulators are rescaled only when the running max grows.
+
+``_decode_kernel`` (many query rows: grouped heads x several query tokens): one program
+handles one (sequence, KV head) pair, every query row of that head (padded to 16 for the
+tensor cores), and one split of the sequence's tiles:
+
+* keys (grouped per channel over ``GK`` tokens): a tile of ``BLOCK_N <= GK`` tokens shares one
+  scale and offset per channel, so ``q . (c * s + lo) = (q * s) . c + q . lo``: the query is
+  scaled once per tile and the codes go straight into the matrix product. The nibbles of a
+  byte go to separate rows (phase-major order), matching a query loaded in the same order;
+* values (grouped per token over ``GV`` channels): ``p @ (c * s + lo) = (p * s) @ c + p @ lo``
+  per channel group, as a batched product over (nibble phase, group).
+
+Each split writes its running max, sum and unnormalised output; ``_Partials.combine`` merges them.
+A segment is a (K block, V block) pair of the cache, a dense residual, or a paged pool
+reached through a block table; ``attend_view`` runs one launch per segment.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...base import KVView, QuantBlock
+
+_LOG2E = 1.4426950408889634
+# Splits are chosen for about CONFIG["programs_per_sm"] programs per multiprocessor (so one
+# long sequence still fills the GPU), each streaming at least this many tiles.
+_MIN_TILES_PER_SPLIT = 8
+# Launch settings, measured on one H200 (bench/decode_attention.py, torch 2.11, Triton 3.6,
+# 2026-11-28; bench/results/decode_attention-NVIDIA-H200.json). Row kernel, batch 16 x 40 heads
+# x 32K tokens, 4-bit: 2 warps, 32-token tiles, per-slot outputs and 16 programs per SM gave
+# 3.57 ms; 1 warp / 64 tokens / per-tile reduction 6.0 ms; 4 programs per SM 5.3 ms. Matrix-unit
+# kernel: 4 warps, no pipelining, 64-token tiles (10.2 ms with 1 row, 2.1 ms for 5 rows over 8 KV
+# heads, where the row kernel took 3.5 ms): so the row kernel runs only up to 2 rows per KV head.
+CONFIG = {
+    "programs_per_sm": 16,
+    "rows_max": 2,  # query rows per KV head up to which the row kernel runs
+    "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False},
+    "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
+}
+_MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
+_MAGIC_F = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
+                   skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+                   T, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                   D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                   F32: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    qpos = QOFF + rows % L  # last token each query row may see
+    if PAGED:
+        T = tl.load(len_ptr + b)
+        qpos = qpos + T
+    n_tiles = tl.cdiv(T, BLOCK_N)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # ---- the query rows, in the order the key codes unpack to
+    PK: tl.constexpr = 8 // KBITS if KBITS > 0 else 1
+    WK: tl.constexpr = D // PK
+    cols = tl.arange(0, D)
+    kch = (cols % WK) * PK + cols // WK  # channel of phase-major column: byte w, nibble i
+    q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + kch[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    PV: tl.constexpr = 8 // VBITS if VBITS > 0 else 1
+    NG: tl.constexpr = D // GV if VBITS > 0 else 1
+    WG: tl.constexpr = GV // PV if VBITS > 0 else D
+    if VBITS > 0:
+        acc = tl.zeros([PV * NG, BLOCK_M, WG], tl.float32)
+        acc_lo = tl.zeros([NG, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc_lo = tl.zeros([NG, BLOCK_M], tl.float32)
+
+    for tile in range(t_lo, t_hi):
+        n0 = tile * BLOCK_N
+        if PAGED:
+            page = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
+            k_base = page * skc_b + h * skc_h
+            ks_base = page * sks_b + h * sks_h
+            v_base = page * svc_b + h * svc_h
+            vs_base = page * svs_b + h * svs_h
+            loc = n0 % PAGE
+        else:
+            k_base = b.to(tl.int64) * skc_b + h * skc_h
+            ks_base = b.to(tl.int64) * sks_b + h * sks_h
+            v_base = b.to(tl.int64) * svc_b + h * svc_h
+            vs_base = b.to(tl.int64) * svs_b + h * svs_h
+            loc = n0
+        tok = loc + offs_n
+        tok_ok = (n0 + offs_n) < T
+
+        # ---- scores, base 2 (q carries scale * log2(e))
+        if KBITS > 0:
+            wk = tl.arange(0, WK)
+            # Loaded token-major (16-byte loads along the packed row), transposed for the product.
+            byt = tl.load(kc_ptr + k_base + tok[:, None] * skc_t + wk[None, :], mask=tok_ok[:, None], other=0)
+            ph = tl.arange(0, PK) * KBITS
+            c = (byt.to(tl.int32)[:, None, :] >> ph[None, :, None]) & (2 ** KBITS - 1)  # [N, PK, WK]
+            c = tl.trans(tl.reshape(c, [BLOCK_N, D]))
+            sk_off = ks_base + (loc // GK) * sks_t + kch
+            sk = tl.load(ks_ptr + sk_off).to(tl.float32)
+            lk = tl.load(kl_ptr + sk_off).to(tl.float32)
+            qs = q * sk[None, :]
+            bias = tl.sum(q * lk[None, :], axis=1)
+            if F32:  # float32 caches: exact products, as the reference
+                s = tl.dot(qs, c.to(tl.float32), input_precision="ieee") + bias[:, None]
+            else:  # codes are exact in float16; q * scale rounds once
+                s = tl.dot(qs.to(tl.float16), c.to(tl.float16)) + bias[:, None]
+        else:
+            k = tl.load(kc_ptr + k_base + tok[None, :] * skc_t + cols[:, None], mask=tok_ok[None, :], other=0.0)
+            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        ok = tok_ok[None, :] & ((n0 + offs_n)[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+
+        # ---- online softmax
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        # ---- values
+        if VBITS > 0:
+            g = tl.arange(0, NG)
+            w = tl.arange(0, WG)
+            vb = tl.load(vc_ptr + v_base + tok[None, :, None] * svc_t + (g[:, None, None] * WG + w[None, None, :]),
+                         mask=tok_ok[None, :, None], other=0)  # [NG, N, WG]
+            vph = tl.arange(0, PV) * VBITS
+            cv = (vb.to(tl.int32)[None] >> vph[:, None, None, None]) & (2 ** VBITS - 1)  # [PV, NG, N, WG]
+            cv = tl.reshape(cv, [PV * NG, BLOCK_N, WG])
+            vs_off = vs_base + tok[None, :] * svs_t + g[:, None]  # [NG, N]
+            sv = tl.load(vs_ptr + vs_off, mask=tok_ok[None, :], other=0.0).to(tl.float32)
+            lv = tl.load(vl_ptr + vs_off, mask=tok_ok[None, :], other=0.0).to(tl.float32)
+            ps = p[None, :, :] * sv[:, None, :]  # [NG, M, N]
+            ps = tl.reshape(tl.broadcast_to(ps[None], [PV, NG, BLOCK_M, BLOCK_N]), [PV * NG, BLOCK_M, BLOCK_N])
+            if F32:
+                pv = tl.dot(ps, cv.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(ps.to(tl.float16), cv.to(tl.float16))
+            acc = acc * alpha[None, :, None] + pv
+            acc_lo = acc_lo * alpha[None, :] + tl.sum(p[None, :, :] * lv[:, None, :], axis=2)
+        else:
+            v = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + cols[None, :], mask=tok_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+
+    # ---- this split's partial result
+    ps_idx = (split_base + split) * tl.num_programs(0) + bh
+    tl.store(m_ptr + ps_idx * M + rows, m_i, mask=row_ok)
+    tl.store(l_ptr + ps_idx * M + rows, l_i, mask=row_ok)
+    o_base = o_ptr + ps_idx * M * D
+    if VBITS > 0:
+        j = tl.arange(0, PV * NG)
+        ch = (j % NG)[:, None, None] * GV + tl.arange(0, WG)[None, None, :] * PV + (j // NG)[:, None, None]
+        lo_b = tl.broadcast_to(acc_lo[None], [PV, NG, BLOCK_M])
+        out = acc + tl.reshape(lo_b, [PV * NG, BLOCK_M])[:, :, None]
+        tl.store(o_base + rows[None, :, None] * D + ch, out, mask=row_ok[None, :, None])
+    else:
+        tl.store(o_base + rows[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _fields(words, BITS: tl.constexpr, PW: tl.constexpr):
+    """Codes of int32 ``words`` [N, W] as floats [N, PW, W]: field j is ``code * 2**e_j`` (see module doc)."""
+    j = tl.arange(0, PW)
+    off = j * BITS
+    sh = tl.maximum(off + BITS - 23, 0)  # shift only fields that would not fit under the 2**23 mantissa
+    e = off - sh
+    mask = (tl.zeros_like(e) + (2 ** BITS - 1)) << e
+    f = (words[:, None, :] >> sh[None, :, None]) & mask[None, :, None]
+    return (f | _MAGIC).to(tl.float32, bitcast=True) - _MAGIC_F
+
+
+@triton.jit
+def _field_scale(BITS: tl.constexpr, PW: tl.constexpr):
+    """``2**-e_j`` for the fields of ``_fields``, exact (built from exponent bits)."""
+    j = tl.arange(0, PW)
+    off = j * BITS
+    e = off - tl.maximum(off + BITS - 23, 0)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
+                        skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+                        T, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                        D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
+                        GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                        VRED: tl.constexpr):
+    # One program: one query row (of M per KV head) of one (sequence, KV head), one split.
+    # Quantized sides are int32 words (strides in words); dense sides are float arrays.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    bh = pid // M
+    r = pid % M
+    b = bh // Hkv
+    h = bh % Hkv
+    qpos = QOFF + r % L
+    if PAGED:
+        T = tl.load(len_ptr + b)
+        qpos = qpos + T
+    n_tiles = tl.cdiv(T, BLOCK_N)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    PKW: tl.constexpr = 32 // KBITS if KBITS > 0 else 1
+    WKW: tl.constexpr = D // PKW
+    PVW: tl.constexpr = 32 // VBITS if VBITS > 0 else 1
+    WVW: tl.constexpr = D // PVW
+    if KBITS == 0:
+        kchan = tl.arange(0, D)
+        q = tl.load(q_ptr + pid * D + kchan)
+    m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), axis=0)
+    l_s = tl.zeros([BLOCK_N], tl.float32)
+    if VBITS > 0 and VRED:  # values reduced over the tile's tokens every tile
+        acc = tl.zeros([PVW, WVW], tl.float32)
+        acc_lo = tl.zeros([WVW], tl.float32)
+        wv = tl.arange(0, WVW)
+        gv = (wv * PVW) // GV
+    elif VBITS > 0:  # one running output per token slot, reduced once at the end
+        acc = tl.zeros([BLOCK_N, PVW, WVW], tl.float32)
+        acc_lo = tl.zeros([BLOCK_N, WVW], tl.float32)
+        wv = tl.arange(0, WVW)
+        gv = (wv * PVW) // GV  # the value group of each word (a word never straddles two)
+    else:
+        acc = tl.zeros([BLOCK_N, D], tl.float32)
+        acc_lo = tl.zeros([BLOCK_N, 1], tl.float32)
+        wv = tl.arange(0, D)
+
+    for tile in range(t_lo, t_hi):
+        n0 = tile * BLOCK_N
+        if PAGED:
+            page = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
+            k_base = page * skc_b + h * skc_h
+            ks_base = page * sks_b + h * sks_h
+            v_base = page * svc_b + h * svc_h
+            vs_base = page * svs_b + h * svs_h
+            loc = n0 % PAGE
+        else:
+            k_base = b.to(tl.int64) * skc_b + h * skc_h
+            ks_base = b.to(tl.int64) * sks_b + h * sks_h
+            v_base = b.to(tl.int64) * svc_b + h * svc_h
+            vs_base = b.to(tl.int64) * svs_b + h * svs_h
+            loc = n0
+        tok = loc + offs_n
+        tok_ok = (n0 + offs_n) < T
+
+        # ---- scores (base 2: q carries scale * log2 e); a tile lies inside one key group
+        if KBITS > 0:
+            wk = tl.arange(0, WKW)
+            kw = tl.load(kc_ptr + k_base + tok[:, None] * skc_t + wk[None, :], mask=tok_ok[:, None], other=0)
+            sk_row = ks_ptr + ks_base + (loc // GK) * sks_t + wk * PKW
+            lk_row = kl_ptr + ks_base + (loc // GK) * sks_t + wk * PKW
+            # One field at a time over 2-D [N, WKW] tiles: a chain of fused multiply-adds.
+            sacc = tl.zeros([BLOCK_N, WKW], tl.float32)
+            qlo = tl.zeros([WKW], tl.float32)
+            for j in tl.static_range(PKW):
+                sh = j * KBITS + KBITS - 23 if j * KBITS + KBITS > 23 else 0
+                e = j * KBITS - sh
+                qj = tl.load(q_ptr + pid * D + wk * PKW + j)
+                skj = tl.load(sk_row + j).to(tl.float32)
+                lkj = tl.load(lk_row + j).to(tl.float32)
+                fj = (((kw >> sh) & ((2 ** KBITS - 1) << e)) | _MAGIC).to(tl.float32, bitcast=True) - _MAGIC_F
+                sacc += fj * (qj * skj * (1.0 / (1 << e)))[None, :]
+                qlo += qj * lkj
+            s = tl.sum(sacc + qlo[None, :], axis=1)
+        else:
+            kd = tl.load(kc_ptr + k_base + tok[:, None] * skc_t + kchan[None, :], mask=tok_ok[:, None], other=0.0)
+            s = tl.sum(kd.to(tl.float32) * q[None, :], axis=1)
+        ok = tok_ok & ((n0 + offs_n) <= qpos)
+        s = tl.where(ok, s, float("-inf"))
+
+        # ---- online softmax, one running output per token slot; rescale only when the max grows
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        if m_new > m_i:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha
+            acc_lo = acc_lo * alpha
+            l_s = l_s * alpha
+            m_i = m_new
+        p = tl.math.exp2(s - m_i)
+        l_s = l_s + p
+
+        # ---- values
+        if VBITS > 0 and VRED:
+            vw = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + wv[None, :], mask=tok_ok[:, None], other=0)
+            vs_off = vs_base + tok[:, None] * svs_t + gv[None, :]
+            sv = tl.load(vs_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+            lv = tl.load(vl_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+            ps = p[:, None] * sv
+            acc_lo += tl.sum(p[:, None] * lv, axis=0)
+            jj = tl.arange(0, PVW)
+            for j in tl.static_range(PVW):
+                sh = j * VBITS + VBITS - 23 if j * VBITS + VBITS > 23 else 0
+                e = j * VBITS - sh
+                fj = (((vw >> sh) & ((2 ** VBITS - 1) << e)) | _MAGIC).to(tl.float32, bitcast=True) - _MAGIC_F
+                red = tl.sum(fj * ps, axis=0)
+                acc += tl.where(jj[:, None] == j, red[None, :], 0.0)
+        elif VBITS > 0:
+            vw = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + wv[None, :], mask=tok_ok[:, None], other=0)
+            cv = _fields(vw, VBITS, PVW)  # [N, PVW, WVW]
+            vs_off = vs_base + tok[:, None] * svs_t + gv[None, :]
+            sv = tl.load(vs_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+            lv = tl.load(vl_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+            acc = acc + cv * (p[:, None] * sv)[:, None, :]
+            acc_lo = acc_lo + p[:, None] * lv
+        else:
+            vd = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + wv[None, :], mask=tok_ok[:, None], other=0.0)
+            acc = acc + p[:, None] * vd.to(tl.float32)
+
+    # ---- this split's partial result: reduce the token slots once
+    bhs = tl.num_programs(0) // M
+    ps_idx = (split_base + split) * bhs + bh
+    tl.store(m_ptr + ps_idx * M + r, m_i)
+    tl.store(l_ptr + ps_idx * M + r, tl.sum(l_s, axis=0))
+    o_base = o_ptr + (ps_idx * M + r) * D
+    if VBITS > 0 and VRED:
+        o = acc * _field_scale(VBITS, PVW)[:, None] + acc_lo[None, :]
+        tl.store(o_base + wv[None, :] * PVW + tl.arange(0, PVW)[:, None], o)
+    elif VBITS > 0:
+        o = tl.sum(acc, axis=0) * _field_scale(VBITS, PVW)[:, None] + tl.sum(acc_lo, axis=0)[None, :]
+        tl.store(o_base + wv[None, :] * PVW + tl.arange(0, PVW)[:, None], o)
+    else:
+        tl.store(o_base + wv, tl.sum(acc, axis=0))
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _block_n(side_k, side_v, kind: str) -> int | None:
+    """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
+    bn = CONFIG[kind]["block_n"]
+    if isinstance(side_k, QuantBlock):
+        g = side_k.spec.group_size
+        if not _pow2(g) or g < 16:
+            return None
+        bn = min(bn, g)  # one key group per tile: one scale per channel
+        if kind == "rows" and side_k.codes.shape[-1] % 4:
+            return None
+    if isinstance(side_v, QuantBlock):
+        sp = side_v.spec
+        d = side_v.codes.shape[-1] * sp.per_byte
+        if not _pow2(sp.group_size) or d % sp.group_size:
+            return None
+        if kind == "rows" and (side_v.codes.shape[-1] % 4 or sp.group_size < 32 // sp.bits):
+            return None
+        if kind == "dot" and sp.group_size // sp.per_byte < 16:
+            return None
+    return bn
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter: a few splits, so tests exercise the merge
+
+
+def _splits(n_tiles: int, programs: int, device: torch.device) -> int:
+    want = max(1, math.ceil(_num_sms(device) * CONFIG["programs_per_sm"] / max(1, programs)))
+    return max(1, min(want, n_tiles // _MIN_TILES_PER_SPLIT if device.type == "cuda" else n_tiles))
+
+
+def _side_arrays(x, bits_out: list, words: bool):
+    """(codes-or-dense, scale, lo, strides...) of one side of a segment; codes as int32 words if ``words``."""
+    if isinstance(x, QuantBlock):
+        bits_out.append((x.spec.bits, x.spec.group_size))
+        c, s, lo = x.codes, x.scale, x.lo
+        if c.stride(-1) != 1 or s.stride(-1) != 1 or lo.stride() != s.stride():
+            c, s, lo = c.contiguous(), s.contiguous(), lo.contiguous()
+        if words:
+            if any(st % 4 for st in c.stride()[:-1]) or c.storage_offset() % 4:
+                c = c.contiguous()
+            c = c.view(torch.int32)
+        return c, s, lo, (c.stride(0), c.stride(1), c.stride(2)), (s.stride(0), s.stride(1), s.stride(2))
+    bits_out.append((0, 1))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, x, x, (x.stride(0), x.stride(1), x.stride(2)), (0, 0, 0)
+
+
+class _Partials:
+    """The split results of every segment of one attention call, merged by ``combine``."""
+
+    def __init__(self, n_splits: int, bh: int, m: int, d: int, device):
+        self.o = torch.empty((n_splits, bh, m, d), dtype=torch.float32, device=device)
+        self.m = torch.empty((n_splits, bh, m), dtype=torch.float32, device=device)
+        self.l = torch.empty((n_splits, bh, m), dtype=torch.float32, device=device)
+
+    def combine(self) -> torch.Tensor:
+        """``[bh, M, D]`` float32: every split's output reweighted to the global max and normalised."""
+        m_max = self.m.amax(dim=0)
+        w = torch.exp2(self.m - m_max)
+        den = (self.l * w).sum(dim=0)
+        return (self.o * w[..., None]).sum(dim=0) / den[..., None]
+
+
+def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
+            hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, paged=None):
+    kb, vb = [], []
+    rows = kind == "rows"
+    kc, ks, kl, skc, sks = _side_arrays(kside, kb, rows)
+    vc, vs, vl, svc, svs = _side_arrays(vside, vb, rows)
+    d = q2.shape[-1]
+    if paged is None:
+        tbl, lens, stbl, page = q2, q2, 0, block_n  # unused placeholders
+    else:
+        tbl, lens, page = paged
+        stbl = tbl.stride(0)
+    bh = q2.shape[0]
+    tiles_per_split = max(1, math.ceil(math.ceil(T / block_n) / n_splits))
+    cfg = CONFIG[kind]
+    common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
+              *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
+    if rows:
+        _decode_rows_kernel[(bh * m_rows, n_splits)](
+            *common, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1], GV=vb[0][1], BLOCK_N=block_n,
+            PAGED=paged is not None, PAGE=page, VRED=cfg["vred"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    else:
+        _decode_kernel[(bh, n_splits)](
+            *common, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1], GV=vb[0][1], BLOCK_M=block_m,
+            BLOCK_N=block_n, PAGED=paged is not None, PAGE=page, F32=f32, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+
+
+def _prepare_q(q: torch.Tensor, hkv: int, scale: float) -> tuple[torch.Tensor, int, int]:
+    b, hq, L, d = q.shape
+    rep = hq // hkv
+    m_rows = rep * L
+    q2 = (q.to(torch.float32) * (scale * _LOG2E)).reshape(b * hkv, m_rows, d).contiguous()
+    return q2, m_rows, max(16, triton.next_power_of_2(m_rows))
+
+
+def _finish(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    b, hq, L, d = q.shape
+    return out.reshape(b, hq, L, d).to(q.dtype)
+
+
+def _kind(m_rows: int) -> str:
+    return "rows" if m_rows <= CONFIG["rows_max"] else "dot"
+
+
+def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Tensor | None:
+    """Causal attention of ``q`` ``[B, Hq, L, D]`` over ``segments`` of the cache, oldest first.
+
+    Each segment is ``(k, v)``: a ``QuantBlock`` or a dense ``[B, Hkv, T_i, D]`` tensor per side,
+    with the same ``T_i``. Query ``l`` sits at position ``T - L + l`` (``T`` = all tokens).
+    Returns ``[B, Hq, L, D]`` in ``q``'s dtype, or ``None`` when a segment has a layout the
+    kernel does not take (the caller then dequantizes).
+    """
+    b, hq, L, d = q.shape
+    if not segments or not _pow2(d) or d < 16:
+        return None
+    first = segments[0][0]
+    hkv = (first.codes if isinstance(first, QuantBlock) else first).shape[1]
+    q2, m_rows, block_m = _prepare_q(q, hkv, scale)
+    kind = _kind(m_rows)
+    if kind == "dot" and block_m > 128:
+        return None
+    lens, bns = [], []
+    for ks, vs in segments:
+        bn = _block_n(ks, vs, kind)
+        if bn is None:
+            return None
+        bns.append(bn)
+        lens.append((ks.codes if isinstance(ks, QuantBlock) else ks).shape[2])
+    total = sum(lens)
+    f32 = any((x.scale if isinstance(x, QuantBlock) else x).dtype == torch.float32 for s in segments for x in s)
+    programs = b * hkv * (m_rows if kind == "rows" else 1)
+    splits = [_splits(math.ceil(n / bn), programs, q.device) for n, bn in zip(lens, bns)]
+    part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
+    base, pos = 0, 0
+    for (ks, vs), n, bn, ns in zip(segments, lens, bns, splits):
+        _launch(q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)
+        base += ns
+        pos += n
+    return _finish(part.combine(), q)
+
+
+def attend_view(q: torch.Tensor, view: KVView, scale: float, rotate) -> torch.Tensor | None:
+    """``decode_attention`` over a cache ``KVView`` (rotating queries/outputs where stored rotated).
+
+    Returns ``None`` when the view holds a layout the kernel does not take.
+    """
+    segments = list(zip(view.k_blocks, view.v_blocks))
+    if view.k_res is not None:
+        segments.append((view.k_res, view.v_res))
+    if any(isinstance(x, QuantBlock) and x.spec.axis != (-2 if i == 0 else -1) for s in segments
+           for i, x in enumerate(s)):
+        return None
+    if view.rotate_k:
+        q = rotate(q)
+    out = decode_attention(q, segments, scale)
+    if out is not None and view.rotate_v:
+        out = rotate(out)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: torch.Tensor, max_len: int,
+                           scale: float, k_res=None, v_res=None) -> torch.Tensor | None:
+    """``decode_attention`` over a ``PagedKVPool`` through the int32 block ``table`` ``[B, max_pages]``.
+
+    ``lengths``: int32 ``[B]`` quantized tokens per sequence (``max_len`` their maximum); then the
+    dense ``k_res``/``v_res`` ``[B, Hkv, R, D]``. Returns ``None`` if the pool's layout is not
+    one the kernel takes.
+    """
+    b, hq, L, d = q.shape
+    hkv = pool.kv_heads
+    kq = QuantBlock(pool.k_codes, pool.k_scale, pool.k_lo, pool.k_spec)
+    vq = QuantBlock(pool.v_codes, pool.v_scale, pool.v_lo, pool.v_spec)
+    q2, m_rows, block_m = _prepare_q(q, hkv, scale)
+    kind = _kind(m_rows)
+    bn = _block_n(kq, vq, kind)
+    if bn is None or pool.page_size % bn or not _pow2(d) or d < 16 or (kind == "dot" and block_m > 128):
+        return None
+    r = 0 if k_res is None else k_res.shape[2]
+    f32 = pool.k_scale.dtype == torch.float32
+    programs = b * hkv * (m_rows if kind == "rows" else 1)
+    ns = _splits(math.ceil(max_len / bn), programs, q.device)
+    nr = 1 if r else 0
+    part = _Partials(ns + nr, b * hkv, m_rows, d, q.device)
+    _launch(q2, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32,
+            paged=(table, lengths, pool.page_size))
+    if r:
+        _launch(q2, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
+                f32)
+    return _finish(part.combine(), q)

@@ -1,0 +1,151 @@
+"""Quantize and pack in one pass: keys per channel over token groups, values per token.
+
+Bit-exact with the numpy reference: float32 min/max, the scale and offset rounded to their
+storage dtype before the codes are computed, the IEEE quotient ``(x - lo) / scale`` (a
+reciprocal per group and one fused correction per element), and round-half-to-even through
+the 1.5 * 2**23 trick (exact for the clipped range 0..255).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ....quant import QuantSpec
+from ..ops import storage_dtype
+
+# Adding and subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22) to the nearest integer,
+# ties to even, in the float unit's own rounding mode: no libdevice call needed (the
+# interpreter has none).
+_RNE = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _round_codes(x, lo, scale, inv, QMAX: tl.constexpr):
+    # (x - lo) / scale, correctly rounded without a division per element: q0 = a * (1/scale)
+    # is within an ulp, and one fused correction step makes it the IEEE quotient (Markstein's
+    # theorem, given inv = RN(1/scale)).
+    a = x - lo
+    q0 = a * inv
+    t = tl.fma(tl.fma(-q0, scale, a), inv, q0)
+    t = tl.minimum(tl.maximum(t, 0.0), QMAX)  # clip first: equal to clip(round(t)) and keeps t small
+    # t + 1.5 * 2**23 rounds to an integer (ties to even) that sits in the low mantissa bits.
+    return (t + _RNE).to(tl.int32, bitcast=True) & 0xFF
+
+
+@triton.jit
+def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
+                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
+    # One program: one row (batch * head) and one group of G tokens, every channel.
+    row = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1)
+    W: tl.constexpr = D // PER
+    t = grp * G + tl.arange(0, G)
+    w = tl.arange(0, W)
+    i = tl.arange(0, PER)
+    ch = w[:, None] * PER + i[None, :]                                   # [W, PER]
+    x = tl.load(x_ptr + row * T * D + t[:, None, None] * D + ch[None, :, :]).to(tl.float32)
+    lo = tl.min(x, axis=0)
+    hi = tl.max(x, axis=0)
+    sdt = s_ptr.dtype.element_ty
+    scale = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + (2 ** BITS - 1)).to(sdt)  # IEEE division
+    scale = tl.where(scale == 0, 1.0, scale.to(tl.float32)).to(sdt)
+    lo_s = lo.to(sdt)
+    sf = scale.to(tl.float32)
+    inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
+    codes = _round_codes(x, lo_s.to(tl.float32)[None], sf[None], inv[None], 2 ** BITS - 1)
+    packed = tl.sum(codes << (i * BITS)[None, None, :], axis=2)           # disjoint bits: sum == or
+    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(tl.uint8))
+    soff = row * (T // G) * D + grp * D + ch
+    tl.store(s_ptr + soff, scale)
+    tl.store(l_ptr + soff, lo_s)
+
+
+@triton.jit
+def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
+                            D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                            BLOCK_T: tl.constexpr):
+    # One program: BLOCK_T tokens (of all rows flattened), every channel group.
+    NG: tl.constexpr = D // G
+    WG: tl.constexpr = G // PER
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    g = tl.arange(0, NG)
+    w = tl.arange(0, WG)
+    i = tl.arange(0, PER)
+    mask_t = t < n_tok
+    ch = g[:, None, None] * G + w[None, :, None] * PER + i[None, None, :]  # [NG, WG, PER]
+    m4 = mask_t[:, None, None, None]
+    x = tl.load(x_ptr + t[:, None, None, None] * D + ch[None], mask=m4, other=0.0).to(tl.float32)
+    lo = tl.min(tl.min(x, axis=3), axis=2)                                # [BLOCK_T, NG]
+    hi = tl.max(tl.max(x, axis=3), axis=2)
+    sdt = s_ptr.dtype.element_ty
+    scale = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + (2 ** BITS - 1)).to(sdt)
+    scale = tl.where(scale == 0, 1.0, scale.to(tl.float32)).to(sdt)
+    lo_s = lo.to(sdt)
+    sf = scale.to(tl.float32)
+    inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
+    codes = _round_codes(x, lo_s.to(tl.float32)[:, :, None, None], sf[:, :, None, None], inv[:, :, None, None],
+                         2 ** BITS - 1)
+    packed = tl.sum(codes << (i * BITS)[None, None, None, :], axis=3)     # [BLOCK_T, NG, WG]
+    coff = t[:, None, None] * (D // PER) + g[None, :, None] * WG + w[None, None, :]
+    tl.store(c_ptr + coff, packed.to(tl.uint8), mask=mask_t[:, None, None])
+    soff = t[:, None] * NG + g[None, :]
+    tl.store(s_ptr + soff, scale, mask=mask_t[:, None])
+    tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None])
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def supported(shape: tuple, spec: QuantSpec) -> bool:
+    """Whether the kernels take this shape (power-of-two head_dim and group); else use ``ops``."""
+    d = shape[-1]
+    g = spec.group_size
+    if len(shape) < 2 or not (_pow2(d) and _pow2(g)) or d % spec.per_byte:
+        return False
+    if spec.axis == -2:
+        return shape[-2] % g == 0 and g * d <= 1 << 15
+    return g <= d and g % spec.per_byte == 0
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize and pack float ``x`` ``[..., n, D]`` along ``spec.axis`` (see ``ops.quantize``).
+
+    Returns ``(codes, scale, lo)``, the same arrays as ``ops.quantize``, contiguous.
+    Raises ``ValueError`` for a shape ``supported`` rejects.
+    """
+    shape = tuple(x.shape)
+    if not supported(shape, spec):
+        raise ValueError(f"the Triton quantize kernel does not take shape {shape} with {spec}; use ops.quantize")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    n, d = shape[-2], shape[-1]
+    g, per = spec.group_size, spec.per_byte
+    lead = shape[:-2]
+    rows = 1
+    for s in lead:
+        rows *= s
+    xc = x.contiguous()
+    sdt = storage_dtype(x)
+    codes = torch.empty(lead + (n, d // per), dtype=torch.uint8, device=x.device)
+    if spec.axis == -2:
+        sshape = lead + (n // g, d)
+        scale = torch.empty(sshape, dtype=sdt, device=x.device)
+        lo = torch.empty(sshape, dtype=sdt, device=x.device)
+        if rows and n:
+            _quantize_keys_kernel[(rows, n // g)](xc, codes, scale, lo, n, D=d, G=g, BITS=spec.bits, PER=per,
+                                                  num_warps=4, enable_fp_fusion=False)
+    else:
+        sshape = lead + (n, d // g)
+        scale = torch.empty(sshape, dtype=sdt, device=x.device)
+        lo = torch.empty(sshape, dtype=sdt, device=x.device)
+        n_tok = rows * n
+        # 4096 elements per program: enough bytes in flight per SM to stream at bandwidth.
+        block_t = max(1, min(64, 4096 // d))
+        if n_tok:
+            _quantize_values_kernel[(triton.cdiv(n_tok, block_t),)](
+                xc, codes, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
+                num_warps=4, enable_fp_fusion=False)
+    return codes, scale, lo

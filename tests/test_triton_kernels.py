@@ -1,0 +1,186 @@
+"""The Triton kernels against the numpy reference, at odd sizes.
+
+On CPU they run under ``TRITON_INTERPRET=1`` (the noxfile sets it; tiny shapes, the
+interpreter is slow); with ``LMCACHE_TEST_DEVICE=cuda`` the same tests run compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import TEST_DEVICE, require
+
+torch = require("torch")
+require("triton")
+
+DEVICE = "cuda" if TEST_DEVICE == "cuda" else "cpu"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("LMCACHE_TEST_DEVICE=cuda but torch sees no GPU", allow_module_level=True)
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1 (nox -s tests-cpu sets it)",
+                allow_module_level=True)
+
+from lmcache.backends import get_backend  # noqa: E402
+from lmcache.backends.base import QuantBlock  # noqa: E402
+from lmcache.backends.torch import ops  # noqa: E402
+from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
+from lmcache.backends.torch.triton.dequantize import dequantize  # noqa: E402
+from lmcache.backends.torch.triton.quantize import quantize, supported  # noqa: E402
+from lmcache.quant import QuantSpec  # noqa: E402
+
+NB = get_backend("numpy")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    """Host copy in numpy with the same dtype (bfloat16 through ml_dtypes)."""
+    if x.dtype == torch.bfloat16:
+        ml = require("ml_dtypes")
+        return x.float().cpu().numpy().astype(ml.bfloat16)
+    return x.cpu().numpy()
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis,tokens,d", [(-2, 48, 64), (-1, 37, 64), (-1, 5, 128)])
+def test_quantize_dequantize_exact(rng, dtype, bits, axis, tokens, d):
+    g = 16
+    spec = QuantSpec(bits, g, axis)
+    x = torch.from_numpy(rng.standard_normal((1, 3, tokens, d)).astype(np.float32) * 4).to(dtype).to(DEVICE)
+    x[0, 1, :, 7] = 0.5  # constant column and group: scale 0 becomes 1
+    codes, scale, lo = quantize(x, spec)
+    ref = NB.quantize(_np(x), spec)
+    np.testing.assert_array_equal(codes.cpu().numpy(), ref.codes)
+    np.testing.assert_array_equal(_f32(scale.cpu()), _f32(ref.scale))
+    np.testing.assert_array_equal(_f32(lo.cpu()), _f32(ref.lo))
+    out = dequantize(codes, scale, lo, spec, dtype)
+    np.testing.assert_array_equal(out.float().cpu().numpy(), _f32(NB.dequantize(ref, str(dtype)[6:])))
+
+
+def test_quantize_rejects_unsupported_shapes():
+    assert not supported((2, 48, 96), QuantSpec(4, 16, -2))  # head_dim not a power of two
+    assert not supported((2, 40, 64), QuantSpec(4, 16, -2))  # tokens not whole groups
+    with pytest.raises(ValueError, match="does not take"):
+        quantize(torch.zeros(1, 40, 96, device=DEVICE), QuantSpec(4, 16, -2))
+
+
+def _cache(rng, b, hkv, n_quant, n_res, d, kbits, vbits, g, dtype, blocks=1):
+    """Random KV split as Cache holds it: ``blocks`` quantized blocks then a dense residual."""
+    k = torch.from_numpy(rng.standard_normal((b, hkv, n_quant + n_res, d)).astype(np.float32)).to(dtype).to(DEVICE)
+    v = torch.from_numpy(rng.standard_normal((b, hkv, n_quant + n_res, d)).astype(np.float32)).to(dtype).to(DEVICE)
+    ks, vs = QuantSpec(kbits, g, -2), QuantSpec(vbits, min(g, d), -1)
+    cuts = np.linspace(0, n_quant // g, blocks + 1).astype(int) * g
+    segs = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        segs.append((QuantBlock(*quantize(k[:, :, lo:hi], ks), ks), QuantBlock(*quantize(v[:, :, lo:hi], vs), vs)))
+    if n_res:
+        segs.append((k[:, :, n_quant:], v[:, :, n_quant:]))
+    return segs
+
+
+def _reference(q, segs):
+    """numpy: dequantize every block (to the cache dtype, as the reference backend does), then attend."""
+    name = str(q.dtype)[6:]
+    ks, vs = [], []
+    for kb, vb in segs:
+        for side, out in ((kb, ks), (vb, vs)):
+            if isinstance(side, QuantBlock):
+                out.append(NB.dequantize(QuantBlock(*(_np(a) for a in (side.codes, side.scale, side.lo)),
+                                                    side.spec), name))
+            else:
+                out.append(_np(side))
+    k, v = np.concatenate(ks, 2), np.concatenate(vs, 2)
+    return _f32(NB.attention(_f32(_np(q)), _f32(k), _f32(v), 1 / np.sqrt(q.shape[-1])))
+
+
+# Kernel variants: the row kernel (values reduced per tile, or per token slot) and the
+# matrix-unit kernel, forced whatever the number of query rows.
+VARIANTS = {"rows": {"rows_max": 1 << 20, "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "vred": True}},
+            "rows-slots": {"rows_max": 1 << 20,
+                           "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False}},
+            "dot": {"rows_max": 0}}
+
+
+def _use(monkeypatch, name: str) -> None:
+    for key, value in VARIANTS[name].items():
+        monkeypatch.setitem(da.CONFIG, key, value)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch):
+    _use(monkeypatch, request.param)
+    return request.param
+
+
+# (KV heads, query tokens, head_dim, key bits, value bits); query heads are 3x the KV heads.
+_SHAPES = [(1, 1, 64), (3, 7, 64), (8, 1, 128), (1, 7, 128)]
+_BITS = [(4, 4), (8, 2), (2, 8)]
+_CASES = [(v, *s, *b) for v in VARIANTS for s in _SHAPES for b in _BITS]
+if DEVICE == "cpu":  # the interpreter runs one program at a time: the row kernels on fewer cases
+    _CASES = [c for c in _CASES if c[0] == "dot"] + [
+        ("rows", 1, 1, 64, 4, 4), ("rows", 1, 1, 64, 8, 2), ("rows", 1, 1, 64, 2, 8),
+        ("rows-slots", 1, 1, 64, 4, 4), ("rows-slots", 1, 1, 64, 2, 8)]
+
+
+@pytest.mark.parametrize("name,hkv,L,d,kbits,vbits", _CASES)
+def test_decode_attention_matches_numpy(rng, monkeypatch, name, hkv, L, d, kbits, vbits):
+    _use(monkeypatch, name)
+    segs = _cache(rng, 2, hkv, 128, 37, d, kbits, vbits, 64, torch.float16)
+    q = torch.from_numpy(rng.standard_normal((2, 3 * hkv, L, d)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(d))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_attention_dtypes(rng, variant, dtype):
+    segs = _cache(rng, 1, 2, 96, 5, 64, 4, 4, 32, dtype, blocks=2)
+    q = torch.from_numpy(rng.standard_normal((1, 6, 3, 64)).astype(np.float32)).to(dtype).to(DEVICE)
+    out = da.decode_attention(q, segs, 0.125)
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs) if dtype != torch.float32 else
+                               _f32(NB.attention(*(_f32(_np(a)) for a in (q, *_dense(segs))), 0.125)),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def _dense(segs):
+    ks, vs = [], []
+    for kb, vb in segs:
+        for side, out in ((kb, ks), (vb, vs)):
+            out.append(ops.dequantize(side.codes, side.scale, side.lo, side.spec, torch.float32)
+                       if isinstance(side, QuantBlock) else side.float())
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+def test_decode_attention_causal_inside_quantized_block(rng, variant):
+    """No residual: the 7 queries sit inside the last quantized block and must not see later tokens."""
+    segs = _cache(rng, 1, 1, 128, 0, 64, 4, 4, 32, torch.float16, blocks=3)
+    q = torch.from_numpy(rng.standard_normal((1, 3, 7, 64)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 0.125)
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=5e-3, rtol=5e-3)
+
+
+def test_decode_attention_declines_unsupported_layouts(rng):
+    segs = _cache(rng, 1, 1, 32, 3, 64, 4, 2, 32, torch.float16)  # 2-bit values over 32 channels: 8 bytes
+    q = torch.zeros(1, 32, 1, 64, dtype=torch.float16, device=DEVICE)  # 32 query rows: the matrix-unit kernel
+    assert da.decode_attention(q, segs, 0.125) is None
+
+
+@pytest.mark.cuda
+def test_decode_attention_long_sequence_on_gpu(variant):
+    """Compiled only: many splits over a long sequence, 16 query tokens, grouped heads."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    rng = np.random.default_rng(0)
+    segs = _cache(rng, 2, 4, 8192, 150, 128, 4, 4, 64, torch.float16, blocks=3)
+    q = torch.randn(2, 12, 16, 128, dtype=torch.float16, device="cuda")
+    k, v = _dense(segs)
+    ref = ops.attention(q.float(), k, v, 128 ** -0.5)
+    out = da.decode_attention(q, segs, 128 ** -0.5)
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < 2e-3, err
