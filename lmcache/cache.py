@@ -6,6 +6,7 @@ from typing import Any
 
 from .backends import backend_of, framework_of, get_backend
 from .backends.base import Backend
+from .eviction import Evictor
 from .kvblocks import GroupConfig, HeadGroupKV
 from .plan import QuantPlan, heads_by_bits
 from .quant import check_bits, hadamard
@@ -27,6 +28,8 @@ class _Layer:
         self.batch, self.kv_heads, self.head_dim, self.dtype, self.device = batch, kv_heads, head_dim, dtype, device
         self.groups: list[HeadGroupKV] = groups
         self.last_added = 0
+        self.stats: list = [None] * len(groups)  # eviction state per group (lmcache.eviction.GroupState)
+        self.evicted = 0  # tokens per head dropped by eviction
 
     @property
     def seq_len(self) -> int:
@@ -43,25 +46,31 @@ class Cache:
     always kept in full precision. ``plan``: a ``QuantPlan`` overriding ``bits`` per layer,
     KV head and K/V. ``rotate``: ``False``, ``True``/``"kv"``, ``"k"`` or ``"v"``: Hadamard
     rotation of that side before quantization. ``policy``/``budget``/``sinks``: token
-    eviction; ``store``: a ``Store`` to reuse cached prefixes from.
+    eviction; ``store``: a ``Store`` to reuse cached prefixes from. ``fp_sinks``: keep the
+    first ``fp_sinks`` tokens in full precision, outside every quantization group (attention
+    sinks; 0 by default; not yet with eviction or ``store``).
     """
 
     def __init__(self, backend: Any = "auto", device: str | None = None, bits: int | None = 4,
                  group_size: int = 64, residual: int = 128, plan: QuantPlan | None = None, policy: Any = None,
-                 budget: int | None = None, sinks: int = 4, store: Any = None, rotate: Any = False):
+                 budget: int | None = None, sinks: int = 4, store: Any = None, rotate: Any = False,
+                 fp_sinks: int = 0):
         if bits is not None:
             check_bits(bits)
         _check_int("group_size", group_size, 1)
         _check_int("residual", residual, 0)
         _check_int("sinks", sinks, 0)
+        _check_int("fp_sinks", fp_sinks, 0)
+        if fp_sinks and (policy is not None or budget is not None or store is not None):
+            raise ValueError(f"fp_sinks={fp_sinks} cannot be combined with eviction (policy=, budget=) or store= "
+                             f"yet; use fp_sinks=0 with them")
         if plan is not None and not isinstance(plan, QuantPlan):
             raise TypeError(f"plan must be a lmcache.QuantPlan or None, got {type(plan).__name__}")
         if rotate not in _ROTATE:
             raise ValueError(f"rotate must be False, True, 'k', 'v' or 'kv', got {rotate!r}")
-        if policy is not None or budget is not None:
-            raise NotImplementedError("token eviction (policy=, budget=) is not implemented yet")
-        if store is not None:
-            raise NotImplementedError("store= is not implemented yet")
+        self._evictor = None if policy is None and budget is None else Evictor(policy, budget, sinks)
+        if store is not None and not all(hasattr(store, m) for m in ("put", "get", "fetch_prefix")):
+            raise TypeError(f"store must be a lmcache.Store or None, got {type(store).__name__}")
         if isinstance(backend, str) and backend != "auto":
             backend = get_backend(backend, device)  # unknown / missing backends fail here, early
         elif not (backend == "auto" or isinstance(backend, Backend)):
@@ -71,8 +80,10 @@ class Cache:
         self.device = device
         self.bits, self.group_size, self.residual, self.plan = bits, group_size, residual, plan
         self.rotate = rotate
+        self.fp_sinks = fp_sinks
         self.policy, self.budget, self.sinks, self.store = policy, budget, sinks, store
         self._layers: list[_Layer] = []
+        self._prefix = None  # chunks fetched by set_prompt, loaded on the first update
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -103,7 +114,7 @@ class Cache:
         out = []
         for (k_bits, v_bits), heads in heads_by_bits(kb, vb).items():
             cfg = GroupConfig(k_bits, v_bits, self.group_size, head_dim, self.residual,
-                              rk and k_bits is not None, rv and v_bits is not None)
+                              rk and k_bits is not None, rv and v_bits is not None, self.fp_sinks)
             for bits, spec in ((k_bits, cfg.k_spec), (v_bits, cfg.v_spec)):
                 if bits is None:
                     continue
@@ -153,6 +164,29 @@ class Cache:
         return be, dtype
 
     # ------------------------------------------------------------------ public API
+    def set_prompt(self, token_ids) -> int:
+        """Start a sequence whose prompt is ``token_ids``; return how many tokens the store has.
+
+        With ``store=``, the longest stored prefix of the prompt (whole chunks, leaving at
+        least one token for the model to compute) is read now and loaded into every layer on
+        the first ``update``; the caller runs the model on ``token_ids[n:]`` only and passes
+        those tokens' K/V to ``update``. Without a store, returns 0. The cache must be empty.
+        After the model has run, ``store.put(token_ids, cache)`` saves the new chunks.
+        """
+        if self._layers:
+            raise ValueError(f"set_prompt needs an empty cache, this one holds {self.seq_len(0)} tokens "
+                             f"(call reset() first)")
+        self._prefix = None
+        if self.store is None:
+            return 0
+        from .store import token_array
+
+        ids = token_array(token_ids)
+        n, pending = self.store.fetch_prefix(ids, self, max_tokens=len(ids) - 1)
+        if n:
+            self._prefix = pending
+        return n
+
     def update(self, layer: int, keys, values):
         """Append new tokens to ``layer`` and return the layer's whole K and V.
 
@@ -161,6 +195,8 @@ class Cache:
         ``[batch, kv_heads, seq_len, head_dim]`` of the input's type, dtype and device,
         dequantized where quantized. On error the cache is left as it was.
         """
+        if self._prefix is not None and not self._layers:
+            self._load_prefix(keys)
         be, dtype = self._check_kv(layer, keys, values)
         b, h, t, d = keys.shape
         if layer == len(self._layers):
@@ -169,13 +205,29 @@ class Cache:
         else:
             ly = self._layers[layer]
         whole = len(ly.groups) == 1
+        groups, stats, dropped = ly.groups, ly.stats, 0
+        if self._evictor is not None:
+            groups, stats, dropped = self._evictor.before_append(be, groups, stats)
         new_groups = [g.appended(keys if whole else be.take(keys, g.heads, 1),
-                                 values if whole else be.take(values, g.heads, 1)) for g in ly.groups]
-        ly.groups = new_groups
+                                 values if whole else be.take(values, g.heads, 1)) for g in groups]
+        if self._evictor is not None:
+            stats = self._evictor.after_append(be, groups, stats,
+                                               [keys if whole else be.take(keys, g.heads, 1) for g in groups])
+        ly.groups, ly.stats = new_groups, stats
+        ly.evicted += dropped
         ly.last_added = t
         if layer == len(self._layers):
             self._layers.append(ly)
         return self._whole_kv(ly)
+
+    def _load_prefix(self, keys) -> None:
+        """Build every layer from the chunks ``set_prompt`` fetched (on the first array's backend)."""
+        pending, self._prefix = self._prefix, None
+        layout = pending[0]
+        be = self._resolve_backend(keys)
+        if be.is_array(keys) and be.dtype_name(keys) != layout["dtype"]:
+            raise TypeError(f"the stored prefix holds {layout['dtype']} KV but keys are {be.dtype_name(keys)}")
+        self.store.load_pending(self, pending, be)
 
     def _whole_kv(self, ly: _Layer):
         be = self._be
@@ -197,6 +249,22 @@ class Cache:
         ``i`` sees every kept token up to its own position. ``scale`` defaults to
         ``1/sqrt(head_dim)``. Returns ``[batch, q_heads, q_len, head_dim]`` in the queries' dtype.
         """
+        ly, scale, rep = self._check_queries(layer, queries, scale)
+        be = self._be
+        if self._evictor is not None:
+            return self._attend_evicting(ly, queries, scale, rep)
+        if len(ly.groups) == 1:
+            return be.attend(queries, ly.groups[0].view(), float(scale))
+        outs, order = [], []
+        for g in ly.groups:
+            qh = [h * rep + r for h in g.heads for r in range(rep)]
+            outs.append(be.attend(be.take(queries, qh, 1), g.view(), float(scale)))
+            order += qh
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return be.take(be.concat(outs, 1), inverse, 1)
+
+    def _check_queries(self, layer: int, queries, scale):
+        """Validate ``attend``/``observe`` arguments; returns ``(layer state, scale, query heads per KV head)``."""
         ly = self._layer(layer)
         be = self._be
         if not be.is_array(queries):
@@ -217,14 +285,46 @@ class Cache:
             scale = be.default_scale(d)
         elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-        rep = hq // ly.kv_heads
-        if len(ly.groups) == 1:
-            return be.attend(queries, ly.groups[0].view(), float(scale))
-        outs, order = [], []
-        for g in ly.groups:
+        return ly, float(scale), hq // ly.kv_heads
+
+    def observe(self, layer: int, queries, scale: float | None = None) -> None:
+        """Feed the eviction policy the attention of ``queries`` without computing the output.
+
+        For integrations whose model computes attention itself over the K/V ``update``
+        returned (transformers' SDPA or flash kernels): the arguments are those of ``attend``
+        (the newest ``q_len`` tokens' queries); a policy that learns from attention (``h2o``,
+        ``snapkv``) gets its statistics (SnapKV only reads its observation window, the last
+        queries), and the layer is evicted if it is due, as ``attend`` would. Costs a second
+        pass over the cache; ``attend`` gets the same statistics from its own pass. Without
+        ``policy=`` this does nothing.
+        """
+        ly, scale, rep = self._check_queries(layer, queries, scale)
+        if self._evictor is not None:
+            self._attend_evicting(ly, queries, scale, rep, output=False)
+
+    def _attend_evicting(self, ly: _Layer, queries, scale: float, rep: int, output: bool = True):
+        """``attend`` with eviction: statistics from the same pass, then evict above the threshold.
+
+        ``output=False`` (``observe``): only the statistics, no output (returns ``None``).
+        """
+        be, ev = self._be, self._evictor
+        whole = len(ly.groups) == 1
+        outs, order, stats = [], [], []
+        for g, st in zip(ly.groups, ly.stats):
             qh = [h * rep + r for h in g.heads for r in range(rep)]
-            outs.append(be.attend(be.take(queries, qh, 1), g.view(), float(scale)))
+            out, st = ev.attend(be, queries if whole else be.take(queries, qh, 1), g, st, scale, output)
+            outs.append(out)
+            stats.append(st)
             order += qh
+        groups, stats, dropped = ev.after_attend(be, ly.groups, stats)
+        ly.groups, ly.stats = groups, stats
+        if dropped:
+            ly.evicted += dropped
+            ly.last_added = min(ly.last_added, ev.policy.window)  # the newest tokens still held
+        if not output:
+            return None
+        if whole:
+            return outs[0]
         inverse = sorted(range(len(order)), key=order.__getitem__)
         return be.take(be.concat(outs, 1), inverse, 1)
 
@@ -233,6 +333,13 @@ class Cache:
         if isinstance(layer, int) and not isinstance(layer, bool) and layer == len(self._layers):
             return 0
         return self._layer(layer).seq_len
+
+    def seen_tokens(self, layer: int = 0) -> int:
+        """Tokens ever appended to ``layer``, evicted or not: the position of the next token."""
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer == len(self._layers):
+            return 0
+        ly = self._layer(layer)
+        return ly.seq_len + ly.evicted
 
     @property
     def num_layers(self) -> int:
@@ -270,11 +377,15 @@ class Cache:
             "bits": self.bits if self.plan is None else "plan",
             "group_size": self.group_size,
             "residual": self.residual,
+            "policy": None if self._evictor is None else self._evictor.policy.name,
+            "budget": self.budget,
+            "tokens_evicted": sum(ly.evicted for ly in self._layers),
         }
 
     def reset(self) -> None:
         """Drop every layer's KV; settings and backend are kept."""
         self._layers = []
+        self._prefix = None
 
     def __repr__(self) -> str:
         s = self.stats()

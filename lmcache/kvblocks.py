@@ -5,6 +5,11 @@ or more, its oldest whole key groups are quantized into a block (keys per channe
 ``group_size`` tokens, values per token over ``min(group_size, head_dim)`` channels). Blocks
 are kept oldest first and merged like a binary counter (two neighbours of equal size become
 one), so a long decode holds O(log n) blocks and copies each token O(log n) times.
+
+With ``fp_sinks > 0`` the first ``fp_sinks`` tokens of the sequence are kept apart in full
+precision (and out of every quantization group), ahead of the blocks: attention-sink tokens
+take most of the attention mass in many heads, and a sink inside a key group both suffers
+and causes large errors (its channels widen the group's range).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class GroupConfig:
     residual: int
     rotate_k: bool = False
     rotate_v: bool = False
+    fp_sinks: int = 0
 
     @property
     def k_spec(self) -> QuantSpec | None:
@@ -51,14 +57,20 @@ class HeadGroupKV:
         self.n_quant = 0
         self.k_res = None
         self.v_res = None
+        self.k_sink = None  # the first cfg.fp_sinks tokens, full precision (None when fp_sinks == 0)
+        self.v_sink = None
 
     @property
     def n_res(self) -> int:
         return 0 if self.k_res is None else self.k_res.shape[2]
 
     @property
+    def n_sink(self) -> int:
+        return 0 if self.k_sink is None else self.k_sink.shape[2]
+
+    @property
     def seq_len(self) -> int:
-        return self.n_quant + self.n_res
+        return self.n_sink + self.n_quant + self.n_res
 
     def appended(self, k, v) -> HeadGroupKV:
         """A copy of this state with ``k``/``v`` (``[B, H, T, D]``, H = len(heads)) appended.
@@ -72,6 +84,16 @@ class HeadGroupKV:
             v = be.rotate(v)
         new = HeadGroupKV(be, self.heads, cfg, self.dtype)
         new.k_blocks, new.v_blocks, new.n_quant = list(self.k_blocks), list(self.v_blocks), self.n_quant
+        new.k_sink, new.v_sink = self.k_sink, self.v_sink
+        if self.n_sink < cfg.fp_sinks:  # still filling the sinks: nothing has reached the residual yet
+            take = min(cfg.fp_sinks - self.n_sink, k.shape[2])
+            ks, vs = k[:, :, :take], v[:, :, :take]
+            new.k_sink = ks if self.k_sink is None else be.concat([self.k_sink, ks], axis=2)
+            new.v_sink = vs if self.v_sink is None else be.concat([self.v_sink, vs], axis=2)
+            k, v = k[:, :, take:], v[:, :, take:]
+            if not k.shape[2]:
+                new.k_res, new.v_res = self.k_res, self.v_res
+                return new
         k_res = k if self.k_res is None else be.concat([self.k_res, k], axis=2)
         v_res = v if self.v_res is None else be.concat([self.v_res, v], axis=2)
         n = k_res.shape[2]
@@ -102,6 +124,9 @@ class HeadGroupKV:
 
     def view(self) -> KVView:
         """What attention reads (see ``KVView``)."""
+        if self.k_sink is not None:
+            return KVView([self.k_sink, *self.k_blocks], [self.v_sink, *self.v_blocks], self.n_sink + self.n_quant,
+                          self.k_res, self.v_res, self.cfg.rotate_k, self.cfg.rotate_v, self.dtype)
         return KVView(list(self.k_blocks), list(self.v_blocks), self.n_quant, self.k_res, self.v_res,
                       self.cfg.rotate_k, self.cfg.rotate_v, self.dtype)
 
@@ -114,4 +139,6 @@ class HeadGroupKV:
             total += nb(blk.codes) + nb(blk.scale) + nb(blk.lo) if isinstance(blk, QuantBlock) else nb(blk)
         if self.k_res is not None:
             total += nb(self.k_res) + nb(self.v_res)
+        if self.k_sink is not None:
+            total += nb(self.k_sink) + nb(self.v_sink)
         return total

@@ -72,13 +72,18 @@ class QuantPlan:
         for layer in range(num_layers):
             self.layer_bits(layer, num_kv_heads)
 
-    def average_bits(self, head_dim: int = 64, group_size: int = 64) -> float:
-        """Average stored bits per K/V element, scales and offsets (two float16) included."""
+    def average_bits(self, head_dim: int = 64, group_size: int = 64, scale_bits: int = 16) -> float:
+        """Average stored bits per K/V element, scales and offsets (``scale_bits`` each) included.
+
+        Keys are grouped over ``group_size`` tokens, values over ``min(group_size, head_dim)``
+        channels; a full-precision (``None``) head counts 16 bits.
+        """
         total = n = 0
-        for row in self.k_bits + self.v_bits:
-            for b in row:
-                total += 16 if b is None else b + 32 / min(group_size, head_dim)
-                n += 1
+        for rows, group in ((self.k_bits, group_size), (self.v_bits, min(group_size, head_dim))):
+            for row in rows:
+                for b in row:
+                    total += 16 if b is None else b + 2 * scale_bits / group
+                    n += 1
         return total / n
 
     def summary(self) -> str:

@@ -234,3 +234,28 @@ def test_auto_backend_follows_the_array(rng):
     assert cache.backend is None
     cache.update(0, *kv(rng, 1, 1, 4, 8))
     assert cache.backend.name == "numpy"
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_fp_sinks_keep_the_first_tokens_apart(rotate):
+    rng = np.random.default_rng(0)
+    kv = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
+    kv[:, :, 0] *= 50.0  # an attention-sink-like first token far off the others' range
+    out = {}
+    for fs in (0, 1):
+        c = lmcache.Cache(backend="numpy", bits=2, residual=64, rotate=rotate, fp_sinks=fs)
+        for s in (0, 1, 7, 100, 200):
+            e = {0: 1, 1: 7, 7: 100, 100: 200, 200: 300}[s]
+            k, v = c.update(0, kv[:, :, s:e], kv[:, :, s:e])
+        assert c.seq_len(0) == 300 and k.shape == kv.shape
+        q = rng.standard_normal((1, 4, 100, 64)).astype(np.float32)
+        assert c.attend(0, q).shape == (1, 4, 100, 64)
+        out[fs] = (k, c)
+    k1, c1 = out[1]
+    np.testing.assert_allclose(k1[:, :, 0], kv[:, :, 0], rtol=1e-6, atol=1e-5)
+    err = {fs: np.abs(out[fs][0] - kv)[:, :, 1:65].mean() for fs in (0, 1)}
+    assert err[1] < err[0] / 4
+    with pytest.raises(ValueError, match="fp_sinks=1 cannot be combined"):
+        lmcache.Cache(fp_sinks=1, policy="window", budget=64)
+    with pytest.raises(ValueError, match="fp_sinks must be an integer >= 0"):
+        lmcache.Cache(fp_sinks=-1)

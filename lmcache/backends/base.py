@@ -214,15 +214,60 @@ class Backend(abc.ABC):
             v = self.rotate(v)
         return k, v
 
-    def attend(self, q: Array, view: KVView, scale: float) -> Array:
+    def attention_scores(self, q: Array, k: Array, v: Array, scale: float, last: int | None = None):
+        """``attention`` plus the attention mass each key received: returns ``(out, scores)``.
+
+        ``out`` is what ``attention`` returns. ``scores``: float32 ``[B, Hkv, T]``, the
+        softmax probabilities summed over the ``Hq // Hkv`` query heads of each KV head and
+        over the last ``last`` queries (every query when ``last`` is ``None`` or ``>= L``);
+        what eviction policies accumulate. This default goes through numpy on the host
+        (correct everywhere, slow on accelerators); backends override it with their own ops.
+        """
+        out, scores = attention_scores_numpy(self.to_numpy(q), self.to_numpy(k), self.to_numpy(v), scale, last)
+        dev = self.device_of(q)
+        return self.from_numpy(out, self.dtype_name(q), dev), self.from_numpy(scores, "float32", dev)
+
+    def attend(self, q: Array, view: KVView, scale: float, want_scores: bool | int = False):
         """Causal attention of ``q`` (``[B, Hq, L, D]``) over the compressed ``view``.
 
         The reference composite: dequantize, then ``attention``. Backends with a fused
-        kernel override this to read the packed codes in place.
+        kernel override this to read the packed codes in place. ``want_scores``: ``False``
+        returns the output alone; ``True`` (every query) or an int ``n`` (the last ``n``
+        queries) returns ``(out, scores)`` with ``scores`` float32 ``[B, Hkv, T]`` aligned
+        with the view's tokens (see ``attention_scores``). An override that cannot produce
+        scores from its kernel falls back to this composite when ``want_scores`` is set.
         """
         k, v = self.dequantize_view(view)
-        return self.attention(q, k, v, scale)
+        if want_scores is False or want_scores is None:
+            return self.attention(q, k, v, scale)
+        return self.attention_scores(q, k, v, scale, None if want_scores is True else int(want_scores))
 
     @staticmethod
     def default_scale(head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
+
+
+def attention_scores_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, last: int | None = None):
+    """Causal attention in numpy (float32, float64 for float64 input) and the attention mass per key.
+
+    ``q``: ``[B, Hq, L, D]``; ``k``/``v``: ``[B, Hkv, T, D]``. Returns ``(out, scores)``:
+    ``out`` ``[B, Hq, L, D]`` in ``q``'s dtype (what ``NumpyBackend.attention`` returns, bit for
+    bit) and ``scores`` float32 ``[B, Hkv, T]``, the probabilities summed over the query heads
+    of each KV head and the last ``last`` queries (all when ``None``).
+    """
+    b, hq, L, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    acc = np.float64 if q.dtype == np.float64 else np.float32
+    qg = q.astype(acc).reshape(b, hkv, hq // hkv, L, d)
+    kf = k.astype(acc)[:, :, None]
+    vf = v.astype(acc)[:, :, None]
+    s = np.matmul(qg, kf.swapaxes(-1, -2)) * acc(scale)  # [B, Hkv, rep, L, T]
+    pos = np.arange(t - L, t)[:, None]
+    s = np.where(np.arange(t)[None, :] <= pos, s, -np.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.matmul(p, vf).reshape(b, hq, L, d).astype(q.dtype)
+    n = L if last is None else min(int(last), L)
+    scores = p[:, :, :, L - n:].sum(axis=(2, 3), dtype=np.float64).astype(np.float32)
+    return out, scores

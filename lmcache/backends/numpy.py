@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..quant import QuantSpec, storage_dtype
-from .base import Backend, QuantBlock
+from .base import Backend, QuantBlock, attention_scores_numpy
 
 # Float32 bytes quantized per step: large enough to amortise numpy's per-call cost, small
 # enough that a chunk's temporaries stay in the L2 cache (bench/quant_cpu.py on the 2-core
@@ -221,17 +221,7 @@ class NumpyBackend(Backend):
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, k, v, scale):
-        b, hq, L, d = q.shape
-        hkv, t = k.shape[1], k.shape[2]
-        acc = np.float64 if q.dtype == np.float64 else np.float32
-        qg = q.astype(acc).reshape(b, hkv, hq // hkv, L, d)
-        kf = k.astype(acc)[:, :, None]
-        vf = v.astype(acc)[:, :, None]
-        s = np.matmul(qg, kf.swapaxes(-1, -2)) * acc(scale)  # [B, Hkv, rep, L, T]
-        pos = np.arange(t - L, t)[:, None]
-        s = np.where(np.arange(t)[None, :] <= pos, s, -np.inf)
-        s -= s.max(axis=-1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)
-        out = np.matmul(p, vf).reshape(b, hq, L, d)
-        return out.astype(q.dtype)
+        return attention_scores_numpy(q, k, v, scale, 0)[0]
+
+    def attention_scores(self, q, k, v, scale, last=None):
+        return attention_scores_numpy(q, k, v, scale, last)

@@ -45,4 +45,14 @@ def run(args) -> int:
         devices = ", ".join(row["devices"]) or "-"
         print(f"  {row['backend']:<6} {'yes' if row['installed'] else 'no ':<4} devices: {devices:<20} "
               f"kernels: {row['kernel_path']}")
+    print("optional: " + ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in optional_components()))
     return 0
+
+
+def optional_components() -> list[tuple[str, bool]]:
+    """Which optional packages the integrations and the tiered store can use (found without importing them)."""
+    import importlib.util
+
+    return [(label, importlib.util.find_spec(mod) is not None) for label, mod in
+            (("transformers (HFCache)", "transformers"), ("redis-py (remote tier)", "redis"), ("hiredis", "hiredis"), ("xxhash (checksums)", "xxhash"),
+             ("cryptography (AES-GCM)", "cryptography"))]

@@ -1,0 +1,368 @@
+"""Perplexity of SmolLM2-135M through compressed KV caches: lmcache (uniform and calibrated) vs transformers.
+
+2048 tokens of real English (``pydoc_data.topics``, the first topics in sorted key order)
+are fed in chunks of 128 tokens through the cache, so every chunk attends to the
+compressed cache of the earlier ones. Rows: full precision (transformers' DynamicCache,
+the anchor), lmcache uniform 8/4/2 bits, the 2-bit remedies (Hadamard rotation, first
+tokens kept in full precision), plans calibrated on *other* topics at several average
+bit budgets, and transformers' ``QuantizedCache`` (quanto backend) at 4 and 2 bits, all in
+one run. For each row: perplexity, its change against the anchor, and the KV bytes held
+per token at the end (codes, scales, the full-precision residual: ``cache.nbytes / tokens``).
+
+lmcache rows store K/V in float16 (``kv_dtype=torch.float16``: float16 scales too) while
+the model computes in float32; full precision in float16 gives the same perplexity to 4
+decimals. Writes ``bench/results/accuracy-<cpu>.json`` and a PNG of perplexity against
+bytes per token. Run: ``python bench/accuracy.py [--rows name,name] [--tokens 2048]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# name, implementation, settings. Order: the rows that decide the targets first.
+ROWS = [
+    ("full precision (DynamicCache fp32)", "anchor", {}),
+    ("transformers QuantizedCache quanto 4-bit", "transformers", {"quanto": 4}),
+    ("transformers QuantizedCache quanto 2-bit", "transformers", {"quanto": 2}),
+    ("lmcache 4-bit", "lmcache", {"bits": 4}),
+    ("lmcache 2-bit", "lmcache", {"bits": 2}),
+    ("lmcache 2-bit rotate sinks", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 1}),
+    ("lmcache 2-bit rotate", "lmcache", {"bits": 2, "rotate": True}),
+    ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 1}),
+    ("lmcache plan 2.5 rotate sinks", "lmcache", {"plan": 2.5, "rotate": True, "fp_sinks": 1}),
+    ("lmcache plan 3 rotate sinks", "lmcache", {"plan": 3.0, "rotate": True, "fp_sinks": 1}),
+    ("lmcache plan 3.5 rotate sinks", "lmcache", {"plan": 3.5, "rotate": True, "fp_sinks": 1}),
+    ("lmcache plan 4.5 rotate sinks", "lmcache", {"plan": 4.5, "rotate": True, "fp_sinks": 1}),
+    ("lmcache plan 4", "lmcache", {"plan": 4.0}),
+    ("lmcache plan 3", "lmcache", {"plan": 3.0}),
+    ("lmcache plan 2.5", "lmcache", {"plan": 2.5}),
+    ("lmcache 8-bit", "lmcache", {"bits": 8}),
+    ("lmcache 4-bit rotate", "lmcache", {"bits": 4, "rotate": True}),
+    ("lmcache 4-bit rotate sinks", "lmcache", {"bits": 4, "rotate": True, "fp_sinks": 1}),
+    ("lmcache 4-bit sinks", "lmcache", {"bits": 4, "fp_sinks": 1}),
+    ("lmcache plan 4.5", "lmcache", {"plan": 4.5}),
+]
+
+
+def plan_path(plans_dir: str, avg_bits: float, **cache_kw) -> str:
+    """Where the calibrated plan of a row is written (without extension)."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(cache_kw.items()))
+    return os.path.join(plans_dir, f"accuracy-plan-{avg_bits:g}{'-' + tag if tag else ''}")
+
+
+def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> float:
+    """KV bytes per token once the context is long, when the full-precision tail no longer counts.
+
+    lmcache: codes plus a float16 scale and offset per group of 64 (4 bytes per head, side and
+    token). quanto: codes plus a float32 scale and shift per group of 64 elements (8 bytes).
+    The anchor: float32 K and V.
+    """
+    if impl == "anchor":
+        return 2 * layers * kv_heads * head_dim * 4.0
+    if impl == "transformers":
+        return 2 * layers * kv_heads * (st["quanto"] * head_dim / 8 + 8)
+    if "plan" in st:
+        from lmcache.plan import QuantPlan
+
+        plan = QuantPlan.load(plan_path(plans_dir, st["plan"], **{k: st[k] for k in ("rotate", "fp_sinks")
+                                                                      if k in st}) + ".json")
+        bits = [b for row in plan.k_bits + plan.v_bits for b in row]
+    else:
+        bits = [st["bits"]] * (2 * layers * kv_heads)
+    return float(sum(b * head_dim / 8 + 4 for b in bits))
+
+
+def cpu_name() -> str:
+    """The CPU model string (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tensor_bytes(x) -> int:
+    """Bytes of a tensor or of a tensor subclass (quanto's packed tensors), recursively."""
+    import torch
+
+    if x is None:
+        return 0
+    if hasattr(x, "__tensor_flatten__") and type(x) is not torch.Tensor:
+        names, _ = x.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(x, n)) for n in names)
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(tensor_bytes(y) for y in x)
+    return 0
+
+
+def quanto_bytes(cache) -> int:
+    """Bytes transformers' QuantizedCache holds: quantized states plus the full-precision residual."""
+    total = 0
+    for layer in cache.layers:
+        total += tensor_bytes(layer._quantized_keys) + tensor_bytes(layer._quantized_values)
+        total += tensor_bytes(layer.keys) + tensor_bytes(layer.values)
+    return total
+
+
+def perplexity(model, ids, cache, chunk: int) -> float:
+    """exp(mean next-token NLL) over ``ids`` ``[1, n]``, fed ``chunk`` tokens at a time through ``cache``."""
+    import torch
+
+    from lmcache.integrations.hf import cache_argument
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, s:s + chunk], **{cache_argument(): cache}, use_cache=True).logits[0].float()
+            tgt = ids[0, s + 1:s + chunk + 1]
+            lp = torch.log_softmax(logits[:len(tgt)], -1)
+            nll -= lp.gather(1, tgt[:, None]).sum().item()
+            n += len(tgt)
+    return math.exp(nll / n)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/accuracy-<cpu>.json)")
+    ap.add_argument("--plans-dir", default=os.path.join(ROOT, "bench", "results"),
+                    help="where the calibrated plans are written")
+    ap.add_argument("--replot", action="store_true",
+                    help="recompute the derived columns, targets and plot of an existing JSON without running")
+    args = ap.parse_args(argv)
+    if args.replot:
+        out = args.out or os.path.join(ROOT, "bench", "results", "accuracy-cpu.json")
+        with open(out) as f:
+            finish(json.load(f), out, args.plans_dir)
+        return 0
+
+    import torch
+
+    from lmcache.calibrate import calibrate, measure
+    from lmcache.commands.calibrate import plot_plan, pydoc_tokens
+    from lmcache.integrations import hf
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = hf.load_model(cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "lmcache"))
+    print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
+    ids = torch.tensor([pydoc_tokens(tok, args.tokens, "eval", eval_tokens=args.tokens)])
+    cal_ids = torch.tensor([pydoc_tokens(tok, 2048, "calibrate", eval_tokens=args.tokens)])
+    cfg = model.config
+    fp16 = torch.float16
+
+    # One capture of the calibration text serves every calibrated row; errors are measured
+    # once per cache setting and reused for every budget.
+    state = {}
+
+    def calibrated(avg_bits, **cache_kw):
+        key = tuple(sorted(cache_kw.items()))
+        if "samples" not in state:
+            state["samples"] = hf.capture(model, cal_ids, chunk_size=256)
+        if key not in state:
+            state[key] = measure(state["samples"], rotate=cache_kw.get("rotate", False),
+                                 fp_sinks=cache_kw.get("fp_sinks", 0))
+        plan = calibrate(None, avg_bits, errors=state[key],
+                         meta={"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics calibration topics"})
+        base = plan_path(args.plans_dir, avg_bits, **cache_kw)
+        plan.save(base + ".json")
+        plot_plan(plan, base + ".png")
+        return hf.HFCache(plan=plan, kv_dtype=fp16, **cache_kw)
+
+    def quanto(nbits):
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=cfg, nbits=nbits)
+
+    def make(impl, st):
+        if impl == "anchor":
+            return __import__("transformers").DynamicCache()
+        if impl == "transformers":
+            return quanto(st["quanto"])
+        kw = {k: st[k] for k in ("rotate", "fp_sinks") if k in st}
+        return calibrated(st["plan"], **kw) if "plan" in st else hf.HFCache(bits=st["bits"], kv_dtype=fp16, **kw)
+
+    rows = [(name, impl, (lambda impl=impl, st=st: make(impl, st))) for name, impl, st in ROWS]
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if wanted:
+        names = {slug(n): n for n, _, _ in rows}
+        bad = [w for w in wanted if slug(w) not in names]
+        if bad:
+            print(f"unknown rows {bad}; rows are: {', '.join(slug(n) for n, _, _ in rows)}", file=sys.stderr)
+            return 2
+        keep = {names[slug(w)] for w in wanted} | {rows[0][0]}  # the anchor always runs
+        rows = [r for r in rows if r[0] in keep]
+
+    import transformers
+
+    device = cpu_name()
+    out = args.out or os.path.join(ROOT, "bench", "results", "accuracy-cpu.json")
+    meta = {"benchmark": "accuracy", "device": device, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute)",
+            "text": "pydoc_data.topics, first topics in sorted key order", "tokens": ids.shape[1],
+            "chunk": args.chunk, "calibration_text": "pydoc_data.topics, the topics after the evaluated ones (2048 "
+                                                     "tokens)",
+            "lmcache_settings": "group_size 64, residual 128, float16 K/V and scales (kv_dtype=float16); "
+                                "'rotate': Hadamard on K and V; 'sinks': fp_sinks=1 (first token kept in full "
+                                "precision); plans calibrated with lmcache.calibrate (attention-output error, "
+                                "avg bits include float16 scales: uniform 2-bit = 2.5, 4-bit = 4.5)",
+            "quanto_settings": "QuantizedCache(backend='quanto'), q_group_size 64, residual_length 128, "
+                               "float32 states (the model's dtype)",
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def write(results):
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "rows": results}, f, indent=1)
+
+    results = []
+    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'B/token held':>12s} {'B/token long':>12s} {'s':>6s}", flush=True)
+    for name, impl, factory in rows:
+        t = time.time()
+        try:
+            cache = factory()
+            ppl = perplexity(model, ids, cache, args.chunk)
+        except Exception as e:  # a row that fails is reported, the others still run
+            print(f"{name:44s} failed: {type(e).__name__}: {e}", flush=True)
+            results.append({"name": name, "impl": impl, "error": f"{type(e).__name__}: {e}"})
+            write(results)
+            continue
+        if isinstance(cache, hf.HFCache):
+            nbytes = cache.nbytes
+        elif impl == "transformers":
+            nbytes = quanto_bytes(cache)
+        else:
+            nbytes = sum(tensor_bytes(ly.keys) + tensor_bytes(ly.values) for ly in cache.layers)
+        row = {"name": name, "impl": impl, "perplexity": ppl, "bytes_per_token": nbytes / ids.shape[1],
+               "seconds": round(time.time() - t, 1)}
+        results.append(row)
+        derive(results, args.plans_dir)
+        print(f"{name:44s} {ppl:9.4f} {row['delta_pct']:+8.2f}% {row['bytes_per_token']:12.0f} "
+              f"{row['steady_bytes_per_token']:12.0f} {row['seconds']:6.0f}", flush=True)
+        write(results)
+        plot([r for r in results if "perplexity" in r], os.path.splitext(out)[0] + ".png", "partial run")
+
+    finish({"meta": meta, "rows": results}, out, args.plans_dir)
+    return 0
+
+
+def derive(results: list, plans_dir: str) -> None:
+    """Fill the columns computed from the measured ones: change against the anchor, steady-state bytes."""
+    settings = {name: (impl, st) for name, impl, st in ROWS}
+    if "perplexity" not in results[0]:
+        return  # the anchor failed: nothing to compare against
+    anchor = results[0]["perplexity"]
+    for r in results:
+        if "perplexity" not in r:
+            continue
+        r["delta_pct"] = 100.0 * (r["perplexity"] / anchor - 1)
+        if r["name"] in settings:
+            r["steady_bytes_per_token"] = steady_bytes(*settings[r["name"]], plans_dir)
+
+
+def targets(rows: list) -> dict:
+    """The issue's targets, each with the rows it compares and whether it holds."""
+    by = {r["name"]: r for r in rows if "perplexity" in r}
+    out = {}
+    for bits, limit in ((4, 0.5), (2, 10.0)):
+        rows = [r for n, r in by.items() if n.startswith(f"lmcache {bits}-bit")]
+        if rows:
+            best = min(rows, key=lambda r: r["perplexity"])
+            out[f"uniform {bits}-bit within {limit:g}%"] = {
+                "best": best["name"], "delta_pct": best["delta_pct"], "holds": best["delta_pct"] <= limit,
+                "plain": by.get(f"lmcache {bits}-bit", {}).get("delta_pct")}
+    same = [("lmcache plan 2.5", "lmcache 2-bit"), ("lmcache plan 4.5", "lmcache 4-bit"),
+            ("lmcache plan 2.5 rotate sinks", "lmcache 2-bit rotate sinks"),
+            ("lmcache plan 4.5 rotate sinks", "lmcache 4-bit rotate sinks")]
+    out["calibrated beats uniform at the same bytes"] = {
+        f"{p} vs {u}": by[p]["perplexity"] < by[u]["perplexity"] for p, u in same if p in by and u in by}
+    beats = {}
+    for q in (r for r in by.values() if r["impl"] == "transformers" and "quanto" in r["name"]):
+        for key in ("steady_bytes_per_token", "bytes_per_token"):
+            for r in by.values():
+                if r["impl"] == "lmcache" and r.get(key, math.inf) <= q.get(key, -1):
+                    beats[f"{r['name']} vs {q['name']} ({key})"] = r["perplexity"] < q["perplexity"]
+    out["lmcache beats QuantizedCache of equal or larger bytes"] = beats
+    return out
+
+
+def finish(doc: dict, out: str, plans_dir: str) -> None:
+    """Derived columns, target checks, JSON and plot, from the measured rows."""
+    derive(doc["rows"], plans_dir)
+    doc["targets"] = targets(doc["rows"])
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    rows = [r for r in doc["rows"] if "perplexity" in r]
+    png = os.path.splitext(out)[0] + ".png"
+    m = doc["meta"]
+    plot(rows, png, f"SmolLM2-135M, {m['tokens']} tokens of pydoc_data.topics, chunks of {m['chunk']} "
+                    f"({m['device']})")
+    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'B/token held':>12s} {'B/token long':>12s}")
+    for r in rows:
+        print(f"{r['name']:44s} {r['perplexity']:9.4f} {r['delta_pct']:+8.2f}% {r['bytes_per_token']:12.0f} "
+              f"{r.get('steady_bytes_per_token', float('nan')):12.0f}")
+    print(json.dumps(doc["targets"], indent=1))
+    print(f"wrote {out} and {png}")
+
+
+def plot(results: list, path: str, title: str) -> None:
+    """Perplexity against KV bytes per token (held at the end; and once the context is long), labelled points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    for ax, key, label_x in ((axes[0], "bytes_per_token", "KV bytes per token held after 2048 tokens "
+                                                        "(codes + scales + full-precision tail)"),
+                           (axes[1], "steady_bytes_per_token", "KV bytes per token in a long context "
+                                                               "(codes + scales)")):
+        top = results[0]["perplexity"] * 1.6  # rows above this are drawn on the top edge, value in the label
+        for r in results:
+            if key not in r:
+                continue
+            colour = "#4575b4" if r["impl"] == "lmcache" else "#d7301f"
+            marker = "s" if "plan" in r["name"] else "o"
+            y = min(r["perplexity"], top)
+            label = r["name"].replace("transformers QuantizedCache ", "HF ").replace("lmcache ", "")
+            if r["perplexity"] > top:
+                marker, label = "^", f"{label} (ppl {r['perplexity']:.0f}, off the scale)"
+            ax.scatter(r[key], y, c=colour, marker=marker, s=30)
+            ax.annotate(f"{label} {r['delta_pct']:+.1f}%", (r[key], y), fontsize=6.5, xytext=(4, 2),
+                        textcoords="offset points", rotation=20)
+        ax.axhline(results[0]["perplexity"], color="grey", lw=0.7, ls="--")
+        ax.set_ylim(results[0]["perplexity"] * 0.98, top * 1.03)
+        ax.set_xscale("log")
+        ax.set_xlabel(label_x, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("perplexity")
+    fig.suptitle(title + "; blue: lmcache (squares: calibrated plans), red: transformers", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

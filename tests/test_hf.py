@@ -1,0 +1,133 @@
+"""lmcache.integrations.hf: a transformers Cache over lmcache.Cache, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require
+
+torch = require("torch")
+transformers = require("transformers")
+hf = require("lmcache.integrations.hf")
+
+import lmcache  # noqa: E402
+from lmcache.calibrate import calibrate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def run_chunks(model, ids, cache, chunk):
+    arg = hf.cache_argument()
+    with torch.no_grad():
+        return torch.cat([model(ids[:, s:s + chunk], **{arg: cache}, use_cache=True).logits
+                          for s in range(0, ids.shape[1], chunk)], 1)
+
+
+def test_version_and_argument():
+    major = int(transformers.__version__.split(".")[0])
+    assert hf.cache_argument() == ("cache" if major >= 5 else "past_key_values")
+    assert (4, 56) <= hf._version() and hf._version()[0] <= hf.MAX_TRANSFORMERS_MAJOR
+
+
+def test_full_precision_matches_dynamic_cache(model):
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref = run_chunks(model, ids, transformers.DynamicCache(), 8)
+    ours = hf.HFCache(bits=None)
+    out = run_chunks(model, ids, ours, 8)
+    assert torch.equal(out, ref)
+    assert ours.get_seq_length() == 40 and ours.lm.seq_len(1) == 40
+    g_ref = model.generate(ids[:, :10], max_new_tokens=12, do_sample=False,
+                           **{hf.cache_argument(): transformers.DynamicCache()})
+    g_ours = model.generate(ids[:, :10], max_new_tokens=12, do_sample=False,
+                            **{hf.cache_argument(): hf.HFCache(bits=None)})
+    assert torch.equal(g_ours, g_ref)
+
+
+def test_quantized_cache_generates_and_saves_memory(model):
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(2))
+    ref = run_chunks(model, ids, transformers.DynamicCache(), 50)
+    for kw in ({"bits": 8}, {"bits": 4, "rotate": True}, {"bits": 2, "fp_sinks": 4},
+               {"bits": 4, "kv_dtype": torch.float16}):
+        cache = hf.HFCache(residual=32, group_size=32, **kw)
+        out = run_chunks(model, ids, cache, 50)
+        assert out.shape == ref.shape
+        dense = 2 * 2 * 2 * 200 * 16 * 4  # layers, K/V, kv heads, tokens, head_dim, fp32 bytes
+        assert cache.nbytes < dense / 2
+        tol = {8: 0.05, 4: 0.5, 2: 3.0}[kw["bits"]]
+        assert (out - ref).abs().max() < tol
+        assert not torch.equal(out, ref)
+    gen = model.generate(ids[:, :60], max_new_tokens=5, do_sample=False, **{hf.cache_argument(): hf.HFCache(bits=4)})
+    assert gen.shape == (1, 65)
+
+
+def test_errors_and_refusals(model):
+    with pytest.raises(ValueError, match="either cache= or lmcache.Cache keyword"):
+        hf.HFCache(lmcache.Cache(bits=4), bits=2)
+    with pytest.raises(TypeError, match="cache must be a lmcache.Cache"):
+        hf.HFCache(cache="nope")
+    with pytest.raises(ValueError, match="kv_dtype must be"):
+        hf.HFCache(kv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        hf.HFCache(bits=4, config=transformers.MistralConfig(sliding_window=64))
+    hf.HFCache(bits=4, config=model.config)
+    c = hf.HFCache(bits=4)
+    run_chunks(model, torch.zeros((1, 4), dtype=torch.long), c, 4)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        c.reorder_cache(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match="crop"):
+        c.crop(-1)
+    c.reset()
+    assert c.get_seq_length() == 0 and c.nbytes == 0
+
+
+def test_capture_and_calibrated_plan(model):
+    ids = torch.randint(0, 97, (1, 256), generator=torch.Generator().manual_seed(3))
+    calls = []
+    samples = hf.capture(model, ids, chunk_size=64, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (4, 4) and len(samples) == 2
+    assert samples[0]["keys"].shape == (1, 2, 256, 16) and samples[0]["queries"].shape == (1, 4, 256, 16)
+    # the captured queries are the post-RoPE ones attention used: their attention reproduces the model's
+    q, k = samples[1]["queries"], samples[1]["keys"]
+    assert torch.isfinite(q).all() and q.abs().max() > 0
+    plan = calibrate(samples, avg_bits=4.0, group_size=32, residual=64, max_queries=16)
+    assert plan.meta["metric"] == "attention-output"
+    assert plan.average_bits(head_dim=16, group_size=32) <= 4.0 + 1e-9
+    run_chunks(model, ids, hf.HFCache(plan=plan, group_size=32, residual=64), 64)
+    assert np.isfinite(plan.meta["total_error"]) and k.shape[2] == 256
+
+
+def test_cli_calibrate_on_a_local_model(model, tmp_path, capsys):
+    """``lmcache calibrate TEXT --model DIR`` writes a plan that fits the model, and its heat map."""
+    require("matplotlib")
+    require("tqdm")
+    tokenizers = require("tokenizers")
+    words = [f"w{i}" for i in range(90)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(4)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(rng.choice(words, 400)))
+    from lmcache.cli import main
+
+    out = tmp_path / "plan.json"
+    rc = main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "300", "--chunk", "100",
+               "--group-size", "32", "--residual", "64", "--avg-bits", "4", "--out", str(out)])
+    assert rc == 0
+    plan = lmcache.QuantPlan.load(out)
+    plan.check(2, 2)
+    assert plan.meta["avg_bits"] <= 4.0 and plan.meta["tokens"] == 300
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+    assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "50", "--residual", "64",
+                 "--out", str(out)]) == 2
+    assert "calibration needs at least" in capsys.readouterr().err
