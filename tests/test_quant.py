@@ -60,6 +60,7 @@ CASES = [
     ((2, 3, 21, 8), 8, 7, -2),
     ((1, 7, 9, 20), 4, 5, -1),
     ((5, 16), 2, 16, -1),
+    ((3, 5, 7, 12), 4, 6, -1),  # groups along the last axis whose size packs whole bytes (transposed path)
     ((2, 1, 40, 4), 2, 40, -2),
 ]
 

@@ -75,19 +75,51 @@ def _grouped(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int]:
 
 def _quantize_chunk(x: np.ndarray, spec: QuantSpec, sdtype: np.dtype):
     """Quantize float ``x`` ``[n, D]`` (whole groups): returns packed codes, scale, lo."""
+    if spec.axis == -1 and spec.group_size % spec.per_byte == 0:
+        return _quantize_rows_transposed(x, spec, sdtype)
     xg, ax = _grouped(x, spec)
     lo = xg.min(axis=ax)
     hi = xg.max(axis=ax)
-    scale_s = ((hi.astype(np.float32) - lo.astype(np.float32)) / np.float32(spec.qmax)).astype(sdtype)
-    lo_s = lo.astype(sdtype)
-    scale_s[scale_s == 0] = 1
-    s = np.expand_dims(scale_s.astype(np.float32, copy=False), ax)
-    lo_f = np.expand_dims(lo_s.astype(np.float32, copy=False), ax)
-    t = np.subtract(xg, lo_f, dtype=np.float32)
-    t /= s
+    scale_s, lo_s, s, lo_f = _stored(lo, hi, spec, sdtype)
+    t = np.subtract(xg, np.expand_dims(lo_f, ax), dtype=np.float32)
+    t /= np.expand_dims(s, ax)
     np.rint(t, out=t)  # round half to even
     np.clip(t, 0, spec.qmax, out=t)
     return pack(t.astype(np.uint8).reshape(x.shape), spec.bits), scale_s, lo_s
+
+
+def _stored(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, sdtype: np.dtype):
+    """Stored scale and lo (``sdtype``, a zero scale made 1) and their float32 values."""
+    scale_s = ((hi.astype(np.float32) - lo.astype(np.float32)) / np.float32(spec.qmax)).astype(sdtype)
+    lo_s = lo.astype(sdtype)
+    scale_s[scale_s == 0] = 1
+    return scale_s, lo_s, scale_s.astype(np.float32, copy=False), lo_s.astype(np.float32, copy=False)
+
+
+def _quantize_rows_transposed(x: np.ndarray, spec: QuantSpec, sdtype: np.dtype):
+    """``_quantize_chunk`` for groups along the last axis, computed on the transposed chunk.
+
+    numpy reduces a short contiguous axis (64 values) row by row, slowly; transposed, every
+    group is a column and min, max and the arithmetic run down whole contiguous rows (1.5x
+    faster on the CI machine). The packing of ``per`` neighbours along the last axis becomes
+    a weighted sum of ``per`` neighbouring rows, exact in float32 (at most 255).
+    """
+    n, d = x.shape
+    g, per = spec.group_size, spec.per_byte
+    xt = np.ascontiguousarray(x.reshape(-1, g).T, dtype=np.float32)  # [g, groups]
+    scale_s, lo_s, s, lo_f = _stored(xt.min(axis=0), xt.max(axis=0), spec, sdtype)
+    xt -= lo_f
+    xt /= s
+    np.rint(xt, out=xt)  # round half to even
+    np.clip(xt, 0, spec.qmax, out=xt)
+    if per > 1:
+        v = xt.reshape(g // per, per, -1)
+        packed = v[:, 0].copy()
+        for j in range(1, per):
+            packed += v[:, j] * np.float32(1 << (spec.bits * j))
+        xt = packed
+    codes = xt.astype(np.uint8).T.reshape(n, d // per)
+    return codes, scale_s.reshape(n, d // g), lo_s.reshape(n, d // g)
 
 
 def _token_step(spec: QuantSpec, n: int, d: int) -> int:
