@@ -32,10 +32,11 @@ NEG = ops.NEG
 #: 132 multiprocessors at 2 programs each, so that the last wave's idle tail stays small and
 #: short contexts at batch 1 still fill the chip.
 TARGET_PROGRAMS = 4096
-# Launch defaults. Read off Triton 3.9's sm_90 build of the 4-bit, head_dim 128 kernel (no GPU),
-# per 64-token step and thread: with the key scales folded into the query outside (prescale)
-# and 8 warps, 402 instructions at 122 registers (359 at 98 reading 32-bit words); 727 (648)
-# with 4 warps; unfolded, about 40% more. bench/decode_attention_jax.py sweeps these on the GPU.
+# Launch defaults, from bench/decode_attention_jax.py on an H200 (jax 0.11.2, 2026-11-28; batch
+# 16, 32K tokens, 4-bit, head_dim 128): 4 warps reading 32-bit words with the key scales folded
+# into the query outside (prescale) took 1.89 ms; 8 warps 2.49 (words) / 2.53 (bytes); 4 warps
+# on bytes 2.72; 16 warps 2.93; unfolded 2.95-5.50. The sm_90 builds (Triton 3.9, no GPU) count
+# 648 instructions per thread per 64-token step at 4 warps on words, 727 on bytes.
 
 
 _EXP = 0x4B000000  # the bits of float32 2**23
@@ -246,8 +247,8 @@ def choose_splits(batch: int, q_heads: int, groups: int, gps: int = 1) -> int:
 
 def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bits: int, v_bits: int,
                      scale: float | None = None, length=None, splits: int | None = None, groups_per_step: int = 1,
-                     num_warps: int = 8, num_stages: int = 2, prefetch: bool = True, prescale: bool = True,
-                     words: bool = False, interpret: bool = False):
+                     num_warps: int = 4, num_stages: int = 2, prefetch: bool = True, prescale: bool = True,
+                     words: bool | None = None, interpret: bool = False):
     """Attention of one query token per head over quantized K/V, reading the packed codes in place.
 
     ``q``: ``[B, Hq, D]`` (any float dtype); ``k_codes``: uint8 ``[B, Hkv, T, D*k_bits/8]``
@@ -260,8 +261,8 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     ``num_warps``, ``num_stages``, ``prefetch`` (load the next step's codes before
     computing on this one's) and ``prescale`` (fold the key scales into the query in a
     separate pass: fewer instructions in the kernel, a little more memory traffic) and
-    ``words`` (read the codes as 32-bit words: fewer instructions, but the reinterpretation
-    of the uint8 arrays may cost XLA a copy) tune it.
+    ``words`` (read the codes as 32-bit words: fewer instructions; ``None``: where the
+    sizes allow) tune it.
 
     Returns ``(out, lse)``: float32 ``[B, Hq, D]`` normalized over the attended tokens, and
     their log-sum-exp float32 ``[B, Hq]`` (``-inf`` when ``length`` is 0, with ``out`` 0),
@@ -280,6 +281,8 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     if not isinstance(splits, int) or splits < 1 or (t // gk // groups_per_step) % splits:
         raise ValueError(f"splits must be a positive integer dividing {t // gk // groups_per_step} "
                          f"(key groups / groups_per_step), got {splits!r}")
+    if words is None:  # words where the sizes allow (faster), else bytes
+        words = kernel_supported(d, k_bits, v_bits, gk, gv, compiled=not interpret, words=True)
     if not kernel_supported(d, k_bits, v_bits, gk, gv, compiled=not interpret, words=words):
         raise ValueError(f"the decode kernel needs value groups of whole bytes (words, with words=True) and, "
                          f"compiled, power-of-two tiles with key groups >= 16; head_dim {d}, "
