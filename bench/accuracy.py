@@ -26,6 +26,8 @@ import re
 import sys
 import time
 
+from _common import cpu_name  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,18 +84,6 @@ def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads
     else:
         bits = [st["bits"]] * (2 * layers * kv_heads)
     return float(sum(b * head_dim / 8 + 4 for b in bits))
-
-
-def cpu_name() -> str:
-    """The CPU model string (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def slug(name: str) -> str:

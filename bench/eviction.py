@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -40,6 +39,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from _common import cpu_name  # noqa: E402
 
 import lmcache  # noqa: E402
 from lmcache.policies import get_policy  # noqa: E402
@@ -239,14 +240,7 @@ def device_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def slug(name: str) -> str:

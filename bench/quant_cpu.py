@@ -11,28 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
+from _common import cpu_name  # noqa: E402
 
 from lmcache.backends import get_backend
 from lmcache.backends.base import QuantBlock
 from lmcache.quant import QuantSpec
 
 SHAPE = (1, 32, 4096, 128)  # 64 MiB of float32
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timeit(fn, repeat: int) -> float:

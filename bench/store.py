@@ -37,19 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from _common import cpu_name  # noqa: E402
+
 import lmcache  # noqa: E402
 from lmcache.serde import _np_dtype as serde_dtype  # noqa: E402
 from lmcache.store import Store, export_chunk  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def short(name: str) -> str:
