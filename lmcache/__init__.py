@@ -13,4 +13,5 @@ from .store import Store
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "QuantPlan", "calibrate", "QuantSpec", "QuantizedTensor", "Store", "__version__", "dequantize", "quantize"]
+__all__ = ["Cache", "QuantPlan", "QuantSpec", "QuantizedTensor", "Store", "__version__", "calibrate", "dequantize",
+           "quantize"]

@@ -6,9 +6,9 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import require
 
 import lmcache
-from conftest import require
 from lmcache.quant import hadamard
 
 

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import require
 
 from lmcache import serde
 
@@ -76,7 +77,7 @@ def test_other_namespace_or_key_is_rejected(arrays):
 
 
 def test_encryption(arrays):
-    pytest.importorskip("cryptography")
+    require("cryptography")
     key = os.urandom(32)
     h = _header(arrays)
     pieces = serde.encode(h, _payload(arrays), key)
@@ -95,7 +96,7 @@ def test_encryption(arrays):
 
 def test_header_is_authenticated(arrays):
     """Changing the header (and fixing the checksum) still fails: the header is GCM's associated data."""
-    pytest.importorskip("cryptography")
+    require("cryptography")
     key = os.urandom(32)
     frame = bytearray(b"".join(serde.encode(_header(arrays), _payload(arrays), key)))
     hlen = int.from_bytes(frame[8:12], "little")

@@ -55,8 +55,8 @@ def measure(backend: str, bits, keys_per_layer, values_per_layer, queries, group
                                        be.from_numpy(v.astype(np.float32)), 1 / np.sqrt(k.shape[-1])))
         errs.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     s = cache.stats()
-    return {"bits": bits, "nbytes": s["nbytes"], "dense_nbytes": s["dense_nbytes"], "attn_rel_err": float(np.mean(errs)),
-            "seconds": seconds}
+    return {"bits": bits, "nbytes": s["nbytes"], "dense_nbytes": s["dense_nbytes"],
+            "attn_rel_err": float(np.mean(errs)), "seconds": seconds}
 
 
 def run(args) -> int:

@@ -53,6 +53,6 @@ def optional_components() -> list[tuple[str, bool]]:
     """Which optional packages the integrations and the tiered store can use (found without importing them)."""
     import importlib.util
 
-    return [(label, importlib.util.find_spec(mod) is not None) for label, mod in
-            (("transformers (HFCache)", "transformers"), ("redis-py (remote tier)", "redis"), ("hiredis", "hiredis"), ("xxhash (checksums)", "xxhash"),
-             ("cryptography (AES-GCM)", "cryptography"))]
+    names = (("transformers (HFCache)", "transformers"), ("redis-py (remote tier)", "redis"), ("hiredis", "hiredis"),
+             ("xxhash (checksums)", "xxhash"), ("cryptography (AES-GCM)", "cryptography"))
+    return [(label, importlib.util.find_spec(mod) is not None) for label, mod in names]
