@@ -131,3 +131,59 @@ def test_cli_calibrate_on_a_local_model(model, tmp_path, capsys):
     assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "50", "--residual", "64",
                  "--out", str(out)]) == 2
     assert "calibration needs at least" in capsys.readouterr().err
+
+
+def test_eviction_keeps_positions_and_matches_a_cache_of_the_kept_tokens(model):
+    # knorm evicts at the update after the budget is passed (no attention hook needed); the
+    # decode step must see the original positions: same logits as a DynamicCache holding
+    # exactly the kept tokens, queried at position N.
+    arg = hf.cache_argument()
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(5))
+    cache = hf.HFCache(bits=None, policy="knorm", budget=48, sinks=4)
+    with torch.no_grad():
+        model(ids[:, :119], **{arg: cache}, use_cache=True)
+        assert cache.get_seq_length() == 119
+        out = model(ids[:, 119:], **{arg: cache}, use_cache=True).logits
+    lm = cache.lm
+    assert lm.stats()["tokens_evicted"] > 0 and lm.seq_len(0) < 119
+    assert cache.get_seq_length() == 120 == lm.seen_tokens(1)
+    ref = transformers.DynamicCache()
+    for layer in range(2):
+        k, v = lm._whole_kv(lm._layers[layer])
+        ref.update(k[:, :, :-1], v[:, :, :-1], layer)
+    with torch.no_grad():
+        expect = model(ids[:, 119:], **{arg: ref}, position_ids=torch.tensor([[119]]),
+                       cache_position=torch.tensor([119]), use_cache=True).logits
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_eviction_with_attention_hook_and_no_eviction_below_budget():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "lmcache"  # what from_pretrained(attn_implementation="lmcache") sets
+    arg = hf.cache_argument()
+    ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(6))
+    # a budget above the sequence: nothing evicted, identical to DynamicCache
+    big = hf.HFCache(bits=None, policy="snapkv", budget=512)
+    ref = run_chunks(model, ids, transformers.DynamicCache(), 25)
+    assert torch.equal(run_chunks(model, ids, big, 25), ref)
+    assert big.lm.stats()["tokens_evicted"] == 0
+    # snapkv learns from the hook's queries and evicts right after the prompt's own attention,
+    # inside the same forward; without the hook nothing is evicted until the next update
+    def prefill(attn):
+        model.config._attn_implementation = attn
+        c = hf.HFCache(bits=4, group_size=16, residual=16, policy="snapkv", budget=48)
+        with torch.no_grad():
+            model(ids[:, :90], **{arg: c}, use_cache=True)
+        return c
+    assert prefill("sdpa").lm.seq_len(0) == 90
+    hooked = prefill("lmcache")
+    assert hooked.lm.seq_len(0) <= 48 and hooked.get_seq_length() == 90
+    small = hf.HFCache(bits=4, group_size=16, residual=16, policy="snapkv", budget=48)
+    gen = model.generate(ids[:, :90], max_new_tokens=6, do_sample=False, **{arg: small})
+    assert gen.shape == (1, 96)
+    assert small.lm.stats()["tokens_evicted"] > 0
+    assert small.get_seq_length() == 95 and small.lm.seq_len(0) < 90

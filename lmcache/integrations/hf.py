@@ -15,10 +15,18 @@ hold full attention (Llama, Mistral, Qwen, SmolLM...); given the model's ``confi
 ``HFCache`` refuses one with sliding-window, chunked or linear-attention layers. The model
 computes attention itself over the K/V this cache returns (dequantized); the saving is in
 what the cache holds between steps.
+
+Token eviction (``HFCache(bits=4, policy="snapkv", budget=1024)``): kept tokens keep their
+positions (``get_seq_length`` counts every token seen, the attention mask gets the offset of
+the evicted ones). Policies that learn from attention (``h2o``, ``snapkv``) need the model's
+queries: load the model with ``attn_implementation="lmcache"`` (SDPA plus a hook that feeds
+the queries to ``lmcache.Cache.observe``). ``knorm``, ``window`` and ``sink`` need no hook.
 """
 
 from __future__ import annotations
 
+import weakref
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -48,6 +56,42 @@ if _version() < (4, 56) or _version()[0] > MAX_TRANSFORMERS_MAJOR:
                       f"{MAX_TRANSFORMERS_MAJOR}.x, found {transformers.__version__}")
 
 
+#: The HFCache whose layer was updated last in this context: where the attention hook sends queries.
+_ACTIVE: ContextVar[HFCache | None] = ContextVar("lmcache_hf_active", default=None)
+
+
+def lmcache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function ``"lmcache"``: SDPA, then the queries go to the eviction policy.
+
+    ``query``: ``[batch, q_heads, q_len, head_dim]`` after RoPE. Only an ``HFCache`` with a
+    policy uses them (``lmcache.Cache.observe``); padding masks are not seen by the policy,
+    so use it with batch 1 or unpadded batches.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    owner = _ACTIVE.get()
+    # Only when ``key`` is what this cache's layer just returned: a stale owner (another
+    # cache, a DynamicCache run since) must not be fed someone else's queries.
+    if owner is not None and owner.lm.policy is not None and module.layer_idx < len(owner.layers) \
+            and owner.layers[module.layer_idx].returned_key() is key:
+        owner.lm.observe(module.layer_idx, query, scale=scaling)
+    return out
+
+
+def _register_attention() -> None:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # a release without the interfaces: eviction then works without the hook only
+        return
+    AttentionInterface.register("lmcache", lmcache_attention)
+    AttentionMaskInterface.register("lmcache", sdpa_mask)
+
+
+_register_attention()
+
+
 class HFCacheLayer(CacheLayerMixin):
     """One model layer's view of the shared ``lmcache.Cache``: ``update`` appends and returns the whole K/V."""
 
@@ -60,6 +104,11 @@ class HFCacheLayer(CacheLayerMixin):
         self.owner, self.layer_idx = owner, layer_idx
         self.device = None
         self.is_initialized = False  # transformers 4.56 does not set it
+        self._returned_key = None  # weak reference: the dequantized K must not outlive the step
+
+    def returned_key(self) -> torch.Tensor | None:
+        """The K tensor the last ``update`` returned, if it is still alive."""
+        return None if self._returned_key is None else self._returned_key()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -71,19 +120,29 @@ class HFCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         kd = self.owner.kv_dtype
         if kd is None or kd == key_states.dtype:
-            return self.owner.lm.update(self.layer_idx, key_states, value_states)
-        k, v = self.owner.lm.update(self.layer_idx, key_states.to(kd), value_states.to(kd))
-        return k.to(key_states.dtype), v.to(value_states.dtype)
+            k, v = self.owner.lm.update(self.layer_idx, key_states, value_states)
+        else:
+            k, v = self.owner.lm.update(self.layer_idx, key_states.to(kd), value_states.to(kd))
+            k, v = k.to(key_states.dtype), v.to(value_states.dtype)
+        self._returned_key = weakref.ref(k)
+        _ACTIVE.set(self.owner)
+        return k, v
 
     def get_seq_length(self, *args) -> int:
+        """Tokens seen by this layer, evicted ones included: the position of the next token."""
         lm = self.owner.lm
-        return lm.seq_len(self.layer_idx) if self.layer_idx < lm.num_layers else 0
+        return lm.seen_tokens(self.layer_idx) if self.layer_idx < lm.num_layers else 0
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        """``(kv_length, kv_offset)``: the kept tokens plus the query, offset by the evicted tokens."""
         # 5.x passes query_length; 4.x passes (cache_position) whose length is the query length.
         q = args[0] if args else next(iter(kwargs.values()))
         q_len = q if isinstance(q, int) else int(q.shape[0])
-        return self.get_seq_length() + q_len, 0
+        lm = self.owner.lm
+        if self.layer_idx >= lm.num_layers:
+            return q_len, 0
+        kept = lm.seq_len(self.layer_idx)
+        return kept + q_len, lm.seen_tokens(self.layer_idx) - kept
 
     def get_max_length(self) -> int:
         return -1
@@ -170,9 +229,7 @@ class HFCache(_HFCache):
         layer_idx = kwargs.pop("layer_idx", None)
         if layer_idx is None:
             layer_idx = args.pop() if len(args) > 1 else 0
-        q = args[0] if args else next(iter(kwargs.values()))
-        q_len = q if isinstance(q, int) else int(q.shape[0])
-        return self.get_seq_length(layer_idx) + q_len, 0
+        return self._layer_at(layer_idx).get_mask_sizes(*args, **kwargs)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
