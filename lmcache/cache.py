@@ -195,9 +195,10 @@ class Cache:
         ``[batch, kv_heads, seq_len, head_dim]`` of the input's type, dtype and device,
         dequantized where quantized. On error the cache is left as it was.
         """
-        if self._prefix is not None and not self._layers:
-            self._load_prefix(keys)
         be, dtype = self._check_kv(layer, keys, values)
+        if self._prefix is not None and not self._layers:
+            self._load_prefix(keys)  # only for valid input, then checked again against the loaded layers
+            be, dtype = self._check_kv(layer, keys, values)
         b, h, t, d = keys.shape
         if layer == len(self._layers):
             groups = [HeadGroupKV(be, heads, cfg, dtype) for heads, cfg in self._group_configs(layer, h, d)]
@@ -208,11 +209,11 @@ class Cache:
         groups, stats, dropped = ly.groups, ly.stats, 0
         if self._evictor is not None:
             groups, stats, dropped = self._evictor.before_append(be, groups, stats)
-        new_groups = [g.appended(keys if whole else be.take(keys, g.heads, 1),
-                                 values if whole else be.take(values, g.heads, 1)) for g in groups]
+        parts = [(keys, values)] if whole else [(be.take(keys, g.heads, 1), be.take(values, g.heads, 1))
+                                                 for g in groups]
+        new_groups = [g.appended(k, v) for g, (k, v) in zip(groups, parts)]
         if self._evictor is not None:
-            stats = self._evictor.after_append(be, groups, stats,
-                                               [keys if whole else be.take(keys, g.heads, 1) for g in groups])
+            stats = self._evictor.after_append(be, groups, stats, [k for k, _ in parts])
         ly.groups, ly.stats = new_groups, stats
         ly.evicted += dropped
         ly.last_added = t
