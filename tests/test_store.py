@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import require, test_backends
-from redis_server import RedisServer, require_server, small_tmpfs
+from redis_server import RedisServer, require_server, server_fixture, small_tmpfs
 
 import lmcache
 from lmcache.plan import QuantPlan
@@ -277,12 +277,7 @@ def test_full_disk_fails_puts_without_raising(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- failures: remote
-@pytest.fixture(scope="module")
-def server():
-    require("redis")
-    require_server()
-    with RedisServer() as s:
-        yield s
+server = pytest.fixture(scope="module", name="server")(server_fixture)
 
 
 def test_remote_round_trip_and_corrupt_entries(server):
@@ -306,6 +301,28 @@ def test_remote_round_trip_and_corrupt_entries(server):
     assert st.get(ids, _fresh()) == C
     assert st.stats()["errors"] >= 1
     st.close()
+
+
+def test_remote_hits_read_in_place_move_up_to_disk(server, tmp_path):
+    # Chunks read from remote straight into the destination are promoted to disk from a
+    # packed copy: no failed background write, and every chunk then sits on disk too.
+    c, ids, _ = _cache(seed=9)
+    a = Store(server.url + "?part=8KiB", chunk_size=C, namespace="m-up")
+    a.put(ids, c)
+    a.flush()
+    a.close()
+    b = Store(f"disk:{tmp_path}:1GB", server.url + "?part=8KiB", chunk_size=C, namespace="m-up")
+    c2 = _fresh()
+    assert b.get(ids, c2) == 4 * C
+    _same_chunks(c, c2, 4 * C)
+    assert b.flush(timeout=30)
+    s = b.stats()
+    assert s["put_failures"] == 0 and s["errors"] == 0
+    assert all(b.tiers[0].has(k) for k in b.keys(ids))
+    c3 = _fresh()
+    assert b.get(ids, c3) == 4 * C  # now from disk
+    _same_chunks(c, c3, 4 * C)
+    b.close()
 
 
 def test_remote_wrong_key_is_a_miss(server):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from conftest import require
-from redis_server import RedisServer, require_server, small_tmpfs
+from redis_server import RedisServer, require_server, server_fixture, small_tmpfs
 
 from lmcache import serde
 from lmcache.backends import get_backend
@@ -133,12 +133,7 @@ def test_disk_tier_full_filesystem_raises_oserror(tmp_path, rng):
         umount()
 
 
-@pytest.fixture(scope="module")
-def server():
-    require("redis")
-    require_server()
-    with RedisServer() as s:
-        yield s
+server = pytest.fixture(scope="module", name="server")(server_fixture)
 
 
 def test_remote_tier_round_trip_in_parts(server, rng):
@@ -156,6 +151,28 @@ def test_remote_tier_round_trip_in_parts(server, rng):
         t.get(b"r" * 32, NS)
     t.remove(b"r" * 32)
     assert not t.has(b"r" * 32)
+    t.close()
+
+
+def test_remote_tier_corrupt_lengths_are_frame_errors(server, rng):
+    # A corrupt length field in part 0 must not size the reader's buffer (MemoryError or
+    # ValueError raised into the store): it is a FrameError, which the store counts as a miss.
+    import redis
+
+    key = b"c" * 32
+    t = RemoteTier(server.url + "?part=1KiB")
+    h, _, payload = _chunk(rng, key)
+    t.put(key, h, payload)
+    r = redis.Redis.from_url(server.url)
+    v = bytearray(r.get(t._k(key, 0)))
+    v[12:20] = (1 << 62).to_bytes(8, "little")  # the payload length of the prefix
+    r.set(t._k(key, 0), bytes(v))
+    with pytest.raises(serde.FrameError, match="length"):
+        t.get(key, NS)
+    r.set(t._k(key, 0), b"a value of some other program, not a frame")
+    with pytest.raises(serde.FrameError, match="magic"):
+        t.get(key, NS)
+    t.remove(key)
     t.close()
 
 

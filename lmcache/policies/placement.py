@@ -9,6 +9,7 @@ chunks for about ``freq_weight`` accesses per doubling of its use count.
 from __future__ import annotations
 
 import math
+import numbers
 
 
 class RecencyFrequency:
@@ -19,7 +20,7 @@ class RecencyFrequency:
     """
 
     def __init__(self, freq_weight: float = 16.0):
-        if not freq_weight >= 0:
+        if isinstance(freq_weight, bool) or not isinstance(freq_weight, numbers.Real) or not freq_weight >= 0:
             raise ValueError(f"freq_weight must be a number >= 0, got {freq_weight!r}")
         self.freq_weight = float(freq_weight)
         self._clock = 0
@@ -41,13 +42,16 @@ class RecencyFrequency:
             e[1] += 1
 
     def uses(self, tier: int, key: bytes) -> int:
+        """How often ``key`` was used (put or hit) while in ``tier``; 1 for an unknown key."""
         e = self._tiers.get(tier, {}).get(key)
         return 1 if e is None else e[1]
 
     def removed(self, tier: int, key: bytes) -> None:
+        """``key`` left ``tier`` (moved down, dropped or deleted); unknown keys are ignored."""
         self._tiers.get(tier, {}).pop(key, None)
 
     def value(self, tier: int, key: bytes) -> float:
+        """``key``'s value in ``tier`` (higher stays longer); ``KeyError`` for an unknown key."""
         last, uses, _ = self._tiers[tier][key]
         return last + self.freq_weight * math.log2(uses)
 
