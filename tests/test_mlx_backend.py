@@ -221,3 +221,24 @@ def test_quantblock_round_trip_through_the_public_api(mb):
     back = lmcache.dequantize(q)
     assert isinstance(back, mx.array) and float(mx.abs(back - x).max()) <= 2 / 15 / 2 + 1e-6
     assert isinstance(mb.quantize(x, QuantSpec(4, 8, -1)), QuantBlock)
+
+
+def test_attend_with_scores_matches_numpy(mb, nb, rng):
+    """``attend(..., want_scores=...)``: the output of the fused path and the base composite's scores."""
+    k = rng.standard_normal((1, 2, 40, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 40, 16)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    caches = {}
+    for name, be in (("mlx", mb), ("numpy", nb)):
+        c = lmcache.Cache(backend=be, bits=4, group_size=8, residual=4)
+        c.update(0, be.from_numpy(k), be.from_numpy(v))
+        caches[name] = (c, be)
+    (cm, _), (cn, _) = caches["mlx"], caches["numpy"]
+    gm, gn = cm._layers[0].groups[0].view(), cn._layers[0].groups[0].view()
+    plain = mb.attend(mb.from_numpy(q), gm, 0.25)
+    out, scores = mb.attend(mb.from_numpy(q), gm, 0.25, want_scores=True)
+    ref_out, ref_scores = nb.attend(q, gn, 0.25, want_scores=True)
+    np.testing.assert_allclose(np.array(out), ref_out, atol=2e-5)
+    np.testing.assert_allclose(np.array(plain), ref_out, atol=2e-5)
+    assert tuple(scores.shape) == (1, 2, 40)
+    np.testing.assert_allclose(np.array(scores), ref_scores, atol=2e-5)

@@ -77,8 +77,30 @@ def test_writing_into_a_shared_page_is_refused(rng):
     a: list[int] = []
     pool.append(a, 0, _rand(rng, 2, 16, 64), _rand(rng, 2, 16, 64))
     b = pool.share(a)
+    free, refs = pool.num_free, list(pool.refcount)
     with pytest.raises(ValueError, match="shared"):
-        pool.append(b, 16, _rand(rng, 2, 16, 64), _rand(rng, 2, 16, 64))
+        pool.append(b, 16, _rand(rng, 2, 48, 64), _rand(rng, 2, 48, 64))  # would also need new pages
+    assert pool.num_free == free and list(pool.refcount) == refs and b == a  # nothing allocated or grown
+
+
+def test_double_free_and_bad_import_are_refused():
+    pool = _pool(num_pages=4)
+    a = pool.allocate(1)
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([a[0], a[0]])
+    assert pool.refcount[a[0]] == 1 and pool.num_free == 3
+    with pytest.raises(ValueError, match="k_codes"):
+        pool.import_pages({})
+
+
+def test_empty_sequence_attends_to_its_residual(rng):
+    pool = _pool()
+    q = _rand(rng, 1, 2, 1, 64)
+    kr, vr = _rand(rng, 1, 2, 5, 64), _rand(rng, 1, 2, 5, 64)
+    out = paged_attention(q, pool, block_table([[]], DEVICE), torch.tensor([0], device=DEVICE), 0.125, kr, vr,
+                          use_triton=False)
+    expect = ops.attention(q.float(), kr.float(), vr.float(), 0.125)
+    torch.testing.assert_close(out.float(), expect, atol=2e-3, rtol=2e-3)
 
 
 def _sequences(rng, pool):

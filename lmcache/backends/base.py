@@ -143,6 +143,10 @@ class Backend(abc.ABC):
     def nbytes(self, x: Array) -> int:
         """Bytes held by ``x``'s elements."""
 
+    @abc.abstractmethod
+    def take(self, x: Array, index: Sequence[int], axis: int) -> Array:
+        """``x`` at positions ``index`` (a list of ints) along ``axis``, e.g. a plan's head group."""
+
     # ------------------------------------------------------------------ eviction
     @abc.abstractmethod
     def topk(self, x: Array, k: int) -> Array:

@@ -116,6 +116,7 @@ class JaxBackend(Backend):
         return self._jnp.matmul(a, b, precision=self._jax.lax.Precision.HIGHEST)
 
     def take(self, x, index, axis):
+        """``x`` at positions ``index`` (a list of ints) along ``axis``."""
         return self._jnp.take(x, self._jnp.asarray(list(index), dtype=self._jnp.int32), axis=axis)
 
     def nbytes(self, x) -> int:
@@ -205,6 +206,8 @@ class JaxBackend(Backend):
         d = q.shape[-1]
         for kb, vb in zip(view.k_blocks, view.v_blocks):
             if not (isinstance(kb, QuantBlock) and isinstance(vb, QuantBlock)):
+                return False
+            if (kb.spec.axis, vb.spec.axis) != (-2, -1):  # the kernel's layout: the Cache's
                 return False
             gk = kb.codes.shape[2] // kb.scale.shape[2]
             gv = d // vb.scale.shape[3]

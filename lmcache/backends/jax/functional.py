@@ -67,10 +67,12 @@ class KVState:
 
     @property
     def dtype(self):
+        """The cache's dtype (of the keys and values ``update`` takes and returns)."""
         return self.k_res.dtype
 
     @property
     def value_group(self) -> int:
+        """Channels per value group: ``min(group_size, head_dim)``."""
         return min(self.group_size, self.k_res.shape[3])
 
     @property

@@ -119,14 +119,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arr
     ``q``: ``[B, Hq, L, D]``; ``k``/``v``: ``[B, Hkv, T, D]``, ``Hq % Hkv == 0``; query ``i``
     sits at position ``T - L + i``. Returns ``[B, Hq, L, D]`` in ``q``'s dtype.
     """
-    b, hq, L, d = q.shape
-    t = k.shape[2]
-    s = _scores(q, k, scale)
-    visible = jnp.arange(t)[None, :] <= jnp.arange(t - L, t)[:, None]
-    s = jnp.where(visible, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bhrlt,bhtd->bhrld", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(b, hq, L, d).astype(q.dtype)
+    return attention_scores(q, k, v, scale)[0]  # under jit the unused scores are never computed
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "last"))

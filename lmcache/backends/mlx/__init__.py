@@ -62,9 +62,6 @@ class MlxBackend(Backend):
     def has_accelerator(self) -> bool:
         return self._metal
 
-    def supports_dtype(self, dtype: str) -> bool:
-        return dtype in ("float16", "bfloat16", "float32")
-
     def _on_device(self):
         """Run the enclosed MLX operations on this backend's device."""
         if self.mx.default_device() == self._mx_device:
@@ -168,7 +165,9 @@ class MlxBackend(Backend):
         returns), so the fused path differs from dequantize-then-attend only in summation order.
         """
         ops = self.ops
-        if isinstance(kb, QuantBlock) and isinstance(vb, QuantBlock):
+        # The fused kernel (and its mirror) takes the Cache's layout: keys grouped along
+        # tokens, values along head_dim; any other block is dequantized first.
+        if isinstance(kb, QuantBlock) and isinstance(vb, QuantBlock) and (kb.spec.axis, vb.spec.axis) == (-2, -1):
             kq, vq = (kb.codes, kb.scale, kb.lo), (vb.codes, vb.scale, vb.lo)
             if self.use_metal:
                 from .metal import decode_attention as mda
@@ -179,13 +178,16 @@ class MlxBackend(Backend):
         v = self.dequantize(vb, self.ops.dtype_name(dtype)) if isinstance(vb, QuantBlock) else vb
         return ops.decode_partial(q32, k, v, scale)
 
-    def attend(self, q, view: KVView, scale: float):
+    def attend(self, q, view: KVView, scale: float, want_scores: bool | int = False):
         """Causal attention over ``view``; a single query reads the packed blocks in place.
 
         ``q``: ``[B, Hq, L, D]``. For ``L == 1`` (decode) each quantized block pair goes
         through the fused decode kernel (Metal) or its ops mirror, the residual through
         plain ops, and the partial softmaxes are merged; longer queries dequantize and attend.
+        ``want_scores`` (eviction statistics, see ``Backend.attend``) takes the composite path.
         """
+        if want_scores is not False and want_scores is not None:
+            return super().attend(q, view, scale, want_scores)
         if q.shape[2] != 1:
             return super().attend(q, view, scale)
         mx = self.mx

@@ -10,6 +10,8 @@ the fused Triton kernel on GPU tensors, a gather-dequantize-attend torch path el
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -59,10 +61,12 @@ class PagedKVPool:
     # ------------------------------------------------------------------ pages
     @property
     def num_pages(self) -> int:
+        """Pages in the pool, free or not."""
         return len(self.refcount)
 
     @property
     def num_free(self) -> int:
+        """Pages not held by any sequence."""
         return len(self._free)
 
     def _arrays(self) -> dict[str, torch.Tensor]:
@@ -88,6 +92,10 @@ class PagedKVPool:
     def free(self, pages: list[int]) -> None:
         """Drop one reference to each of ``pages``; a page with none left returns to the free list."""
         self._check(pages)
+        counts = Counter(pages)
+        over = [p for p, c in counts.items() if c > self.refcount[p]]
+        if over:  # checked up front: a double free would otherwise leave negative counts
+            raise ValueError(f"pages {over[:5]} are listed more times than they are referenced (a double free)")
         for p in pages:
             self.refcount[p] -= 1
             if self.refcount[p] == 0:
@@ -113,13 +121,15 @@ class PagedKVPool:
                              f"and {tuple(v.shape)}")
         if n % g or length % g:
             raise ValueError(f"append takes whole key groups: n={n} and length={length} must be multiples of {g}")
-        need = -(-(length + n) // self.page_size) - len(pages)
-        if need > 0:
-            pages.extend(self.allocate(need))
+        # Checked before pages are allocated, so a refused append leaves the pool unchanged
+        # (a page allocated here is never shared).
         first = length // self.page_size
         if length % self.page_size and first < len(pages) and self.refcount[pages[first]] > 1:
             raise ValueError(f"page {pages[first]} is shared by {self.refcount[pages[first]]} sequences; "
                              f"share only whole pages of a common prefix")
+        need = -(-(length + n) // self.page_size) - len(pages)
+        if need > 0:
+            pages.extend(self.allocate(need))
         quantize = quantize or ops.quantize
         kc, ks, kl = quantize(k.to(self.dtype), self.k_spec)
         vc, vs, vl = quantize(v.to(self.dtype), self.v_spec)
@@ -145,9 +155,12 @@ class PagedKVPool:
 
     def import_pages(self, arrays: dict[str, np.ndarray]) -> list[int]:
         """Allocate pages and fill them from ``export_pages`` output; returns the new page ids."""
+        missing = [name for name in self._arrays() if name not in arrays]
+        if missing:
+            raise ValueError(f"arrays lacks {', '.join(missing)}; pass what export_pages returned")
         n = arrays["k_codes"].shape[0]
         for name, a in self._arrays().items():
-            if name not in arrays or tuple(arrays[name].shape) != (n,) + tuple(a.shape[1:]):
+            if tuple(arrays[name].shape) != (n,) + tuple(a.shape[1:]):
                 raise ValueError(f"arrays[{name!r}] must have shape {(n,) + tuple(a.shape[1:])}")
         pages = self.allocate(n)
         idx = torch.as_tensor(pages, dtype=torch.int64, device=self.k_codes.device)
@@ -161,10 +174,9 @@ class PagedKVPool:
         idx = torch.as_tensor(pages[:n_pages], dtype=torch.int64, device=self.k_codes.device)
 
         def side(codes, scale, lo, spec):
-            c, s, lo_ = (a.index_select(0, idx).transpose(0, 1) for a in (codes, scale, lo))
-            h = self.kv_heads
-            c = c.reshape(h, -1, c.shape[-1])
-            s, lo_ = s.reshape(h, -1, s.shape[-1]), lo_.reshape(h, -1, lo_.shape[-1])
+            # [pages, H, X, Y] -> [H, pages * X, Y]; flatten, unlike reshape(h, -1, ...), also
+            # takes a sequence of no pages (length 0).
+            c, s, lo_ = (a.index_select(0, idx).transpose(0, 1).flatten(1, 2) for a in (codes, scale, lo))
             return ops.dequantize(c, s, lo_, spec, self.dtype)[:, :length]
 
         return (side(self.k_codes, self.k_scale, self.k_lo, self.k_spec),
@@ -206,7 +218,9 @@ def paged_attention(q: torch.Tensor, pool: PagedKVPool, table: torch.Tensor, len
     if use_triton:
         from .triton.decode_attention import paged_decode_attention
 
-        out = paged_decode_attention(q, pool, table.to(torch.int32).contiguous(),
+        # The kernel reads the table through a pointer: it must sit on q's device (block_table
+        # builds it on the CPU by default).
+        out = paged_decode_attention(q, pool, table.to(device=q.device, dtype=torch.int32).contiguous(),
                                      lengths.to(device=q.device, dtype=torch.int32).contiguous(), max(lens), scale,
                                      k_res, v_res)
         if out is not None:

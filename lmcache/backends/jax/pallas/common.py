@@ -39,6 +39,7 @@ def round_half_even(t: jax.Array, interpret: bool) -> jax.Array:
 
 
 def is_pow2(n: int) -> bool:
+    """Whether the int ``n`` is a positive power of two (Triton's tile sizes must be)."""
     return n >= 1 and not n & (n - 1)
 
 
@@ -60,6 +61,10 @@ def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
 
 
 def check_codes(name: str, codes, bits: int) -> None:
+    """Check packed ``codes`` (the argument called ``name``) and their ``bits``.
+
+    Raises ``TypeError`` unless ``codes`` is uint8, ``ValueError`` unless ``bits`` is 2, 4 or 8.
+    """
     if codes.dtype != jnp.uint8:
         raise TypeError(f"{name} must be uint8 packed codes, got dtype {codes.dtype}")
     if bits not in (2, 4, 8):

@@ -194,7 +194,8 @@ def _validate(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, k_bits, v_bits)
         raise ValueError(f"q must be [batch, q_heads, head_dim] (one decode token), got shape {q.shape}")
     b, hq, d = q.shape
     if k_codes.ndim != 4 or v_codes.ndim != 4:
-        raise ValueError(f"codes must be [batch, kv_heads, tokens, packed], got {k_codes.shape} and {v_codes.shape}")
+        raise ValueError(f"k_codes and v_codes must be [batch, kv_heads, tokens, packed], got {k_codes.shape} and "
+                         f"{v_codes.shape}")
     kb, hkv, t, _ = k_codes.shape
     if (kb, hkv, t) != v_codes.shape[:3] or kb != b:
         raise ValueError(f"k_codes {k_codes.shape}, v_codes {v_codes.shape} and q {q.shape} disagree on "
@@ -202,7 +203,7 @@ def _validate(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, k_bits, v_bits)
     if hkv < 1 or hq % hkv:
         raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hkv})")
     if k_codes.shape[3] * (8 // k_bits) != d or v_codes.shape[3] * (8 // v_bits) != d:
-        raise ValueError(f"codes of last axis {k_codes.shape[3]} / {v_codes.shape[3]} do not unpack to "
+        raise ValueError(f"k_codes / v_codes of last axis {k_codes.shape[3]} / {v_codes.shape[3]} do not unpack to "
                          f"head_dim {d} at {k_bits} / {v_bits} bits")
     if k_scale.shape != k_lo.shape or k_scale.ndim != 4 or k_scale.shape[:2] != (b, hkv) \
             or k_scale.shape[3] != d or k_scale.shape[2] < 1 or t % k_scale.shape[2]:

@@ -73,7 +73,7 @@ def gpu_supported(shape, bits: int, group: int, axis: int) -> bool:
     d = shape[-1]
     per = 8 // bits
     if axis == -2:
-        return is_pow2(group) and is_pow2(d // per) and d // per >= 1
+        return is_pow2(group) and is_pow2(d // per)
     return is_pow2(group // per) and group % per == 0 and is_pow2(d) and shape[-2] >= 1
 
 

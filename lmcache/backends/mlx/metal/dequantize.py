@@ -8,11 +8,12 @@ One thread per output element: it reads its byte, shifts its code out, and compu
 from __future__ import annotations
 
 import functools
+import math
 
 import mlx.core as mx
 
 from ....quant import QuantSpec
-from . import HEADER
+from . import HEADER, threadgroup_for
 
 # Inputs: codes [rows, n, D / PER], scale, lo; n_rows, n_tokens. Template: O (output type),
 # D, G, BITS, AXIS (1: groups along head_dim, per token; 2: groups along tokens, per channel).
@@ -42,12 +43,8 @@ def kernel():
 
 def launch_params(shape: tuple) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``(grid, threadgroup)`` in threads for a dequantized output of ``shape`` ``[..., n, D]``."""
-    from . import threadgroup_for
-
     *lead, n, d = (int(s) for s in shape)
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     grid = (d, n, rows)
     return grid, threadgroup_for(grid)
 
@@ -56,9 +53,7 @@ def dequantize(codes: mx.array, scale: mx.array, lo: mx.array, spec: QuantSpec, 
     """Unpack and dequantize on the GPU; same contract as ``ops.dequantize``."""
     *lead, n, p = codes.shape
     d = p * spec.per_byte
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     grid, tg = launch_params((*lead, n, d))
     template = [("O", dtype), ("D", d), ("G", spec.group_size), ("BITS", spec.bits),
                 ("AXIS", 1 if spec.axis == -1 else 2)]

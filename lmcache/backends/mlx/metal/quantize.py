@@ -15,12 +15,13 @@ Both round the scale and offset to the storage type ``S`` before computing the c
 from __future__ import annotations
 
 import functools
+import math
 
 import mlx.core as mx
 
 from ....quant import QuantSpec
 from ..ops import storage_dtype
-from . import HEADER
+from . import HEADER, threadgroup_for
 
 # Inputs: x [rows, D]; n_rows. Template: T (input), S (scale type), D, G, BITS.
 SOURCE_CHANNELS = """
@@ -115,12 +116,8 @@ def kernel(axis: int):
 
 def launch_params(shape: tuple, spec: QuantSpec) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``(grid, threadgroup)`` in threads for quantizing an array of ``shape`` ``[..., n, D]``."""
-    from . import threadgroup_for
-
     *lead, n, d = (int(s) for s in shape)
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     if spec.axis == -1:
         grid = (rows * n, 1, 1)
     else:
@@ -135,9 +132,7 @@ def quantize(x: mx.array, spec: QuantSpec) -> tuple[mx.array, mx.array, mx.array
     g = spec.group_size
     grid, tg = launch_params(x.shape, spec)
     template = [("T", x.dtype), ("S", sdt), ("D", d), ("G", g), ("BITS", spec.bits)]
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     if spec.axis == -1:
         inputs = [x.reshape(rows * n, d), rows * n]
         sshape = (*lead, n, d // g)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ...base import KVView, QuantBlock
+from . import is_pow2
 
 _LOG2E = 1.4426950408889634
 # Splits are chosen for about CONFIG["programs_per_sm"] programs per multiprocessor (so one
@@ -60,6 +61,25 @@ CONFIG = {
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h,
+                PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Where the tile starting at token ``n0`` of (sequence ``b``, KV head ``h``) lies.
+
+    Returns ``(loc, k_base, ks_base, v_base, vs_base)``: the tile's first token within its
+    row (its page, when ``PAGED``: the page comes from the block table) and the element
+    offsets of that row of the key codes, key scales, value codes and value scales.
+    """
+    if PAGED:
+        row = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
+        loc = n0 % PAGE
+    else:
+        row = b.to(tl.int64)
+        loc = n0
+    return (loc, row * skc_b + h * skc_h, row * sks_b + h * sks_h, row * svc_b + h * svc_h,
+            row * svs_b + h * svs_h)
 
 
 @triton.jit
@@ -105,19 +125,8 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
 
     for tile in range(t_lo, t_hi):
         n0 = tile * BLOCK_N
-        if PAGED:
-            page = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
-            k_base = page * skc_b + h * skc_h
-            ks_base = page * sks_b + h * sks_h
-            v_base = page * svc_b + h * svc_h
-            vs_base = page * svs_b + h * svs_h
-            loc = n0 % PAGE
-        else:
-            k_base = b.to(tl.int64) * skc_b + h * skc_h
-            ks_base = b.to(tl.int64) * sks_b + h * sks_h
-            v_base = b.to(tl.int64) * svc_b + h * svc_h
-            vs_base = b.to(tl.int64) * svs_b + h * svs_h
-            loc = n0
+        loc, k_base, ks_base, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, sks_b, sks_h,
+                                                            svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
         tok = loc + offs_n
         tok_ok = (n0 + offs_n) < T
 
@@ -261,19 +270,8 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
 
     for tile in range(t_lo, t_hi):
         n0 = tile * BLOCK_N
-        if PAGED:
-            page = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
-            k_base = page * skc_b + h * skc_h
-            ks_base = page * sks_b + h * sks_h
-            v_base = page * svc_b + h * svc_h
-            vs_base = page * svs_b + h * svs_h
-            loc = n0 % PAGE
-        else:
-            k_base = b.to(tl.int64) * skc_b + h * skc_h
-            ks_base = b.to(tl.int64) * sks_b + h * sks_h
-            v_base = b.to(tl.int64) * svc_b + h * svc_h
-            vs_base = b.to(tl.int64) * svs_b + h * svs_h
-            loc = n0
+        loc, k_base, ks_base, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, sks_b, sks_h,
+                                                            svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
         tok = loc + offs_n
         tok_ok = (n0 + offs_n) < T
 
@@ -356,16 +354,12 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         tl.store(o_base + wv, tl.sum(acc, axis=0))
 
 
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 def _block_n(side_k, side_v, kind: str) -> int | None:
     """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
     bn = CONFIG[kind]["block_n"]
     if isinstance(side_k, QuantBlock):
         g = side_k.spec.group_size
-        if not _pow2(g) or g < 16:
+        if not is_pow2(g) or g < 16:
             return None
         bn = min(bn, g)  # one key group per tile: one scale per channel
         if kind == "rows" and side_k.codes.shape[-1] % 4:
@@ -373,7 +367,7 @@ def _block_n(side_k, side_v, kind: str) -> int | None:
     if isinstance(side_v, QuantBlock):
         sp = side_v.spec
         d = side_v.codes.shape[-1] * sp.per_byte
-        if not _pow2(sp.group_size) or d % sp.group_size:
+        if not is_pow2(sp.group_size) or d % sp.group_size:
             return None
         if kind == "rows" and (side_v.codes.shape[-1] % 4 or sp.group_size < 32 // sp.bits):
             return None
@@ -487,7 +481,7 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     kernel does not take (the caller then dequantizes).
     """
     b, hq, L, d = q.shape
-    if not segments or not _pow2(d) or d < 16:
+    if not segments or not is_pow2(d) or d < 16:
         return None
     first = segments[0][0]
     hkv = (first.codes if isinstance(first, QuantBlock) else first).shape[1]
@@ -549,7 +543,7 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     q2, m_rows, block_m = _prepare_q(q, hkv, scale)
     kind = _kind(m_rows)
     bn = _block_n(kq, vq, kind)
-    if bn is None or pool.page_size % bn or not _pow2(d) or d < 16 or (kind == "dot" and block_m > 128):
+    if bn is None or pool.page_size % bn or not is_pow2(d) or d < 16 or (kind == "dot" and block_m > 128):
         return None
     r = 0 if k_res is None else k_res.shape[2]
     f32 = pool.k_scale.dtype == torch.float32

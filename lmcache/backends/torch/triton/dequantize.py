@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ....quant import QuantSpec
+from . import is_pow2
 
 
 @triton.jit
@@ -49,13 +50,9 @@ def _dequantize_kernel(c_ptr, s_ptr, l_ptr, o_ptr, n_tok, T,
     tl.store(o_ptr + t[:, None, None] * D + ch[None], x.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 def supported(codes_shape: tuple, spec: QuantSpec) -> bool:
     """Whether the kernel takes packed codes of ``codes_shape`` (power-of-two head_dim)."""
-    return len(codes_shape) >= 2 and _pow2(codes_shape[-1] * spec.per_byte)
+    return len(codes_shape) >= 2 and is_pow2(codes_shape[-1] * spec.per_byte)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, spec: QuantSpec,

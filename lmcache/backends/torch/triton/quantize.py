@@ -8,12 +8,15 @@ the 1.5 * 2**23 trick (exact for the clipped range 0..255).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ....quant import QuantSpec
 from ..ops import storage_dtype
+from . import is_pow2
 
 # Adding and subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22) to the nearest integer,
 # ties to even, in the float unit's own rounding mode: no libdevice call needed (the
@@ -95,15 +98,11 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
     tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None])
 
 
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 def supported(shape: tuple, spec: QuantSpec) -> bool:
     """Whether the kernels take this shape (power-of-two head_dim and group); else use ``ops``."""
     d = shape[-1]
     g = spec.group_size
-    if len(shape) < 2 or not (_pow2(d) and _pow2(g)) or d % spec.per_byte:
+    if len(shape) < 2 or not (is_pow2(d) and is_pow2(g)) or d % spec.per_byte:
         return False
     if spec.axis == -2:
         return shape[-2] % g == 0 and g * d <= 1 << 15
@@ -124,9 +123,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     n, d = shape[-2], shape[-1]
     g, per = spec.group_size, spec.per_byte
     lead = shape[:-2]
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     xc = x.contiguous()
     sdt = storage_dtype(x)
     codes = torch.empty(lead + (n, d // per), dtype=torch.uint8, device=x.device)
