@@ -7,7 +7,7 @@ from typing import Any
 from .backends import backend_of, framework_of, get_backend
 from .backends.base import Backend
 from .eviction import Evictor
-from .kvblocks import GroupConfig, HeadGroupKV
+from .kvblocks import GroupConfig, HeadGroupKV, whole_kv
 from .plan import QuantPlan, heads_by_bits
 from .quant import check_bits, hadamard
 
@@ -219,7 +219,7 @@ class Cache:
         ly.last_added = t
         if layer == len(self._layers):
             self._layers.append(ly)
-        return self._whole_kv(ly)
+        return whole_kv(self._be, ly.groups)
 
     def _load_prefix(self, keys) -> None:
         """Build every layer from the chunks ``set_prompt`` fetched (on the first array's backend)."""
@@ -229,17 +229,6 @@ class Cache:
         if be.is_array(keys) and be.dtype_name(keys) != layout["dtype"]:
             raise TypeError(f"the stored prefix holds {layout['dtype']} KV but keys are {be.dtype_name(keys)}")
         self.store.load_pending(self, pending, be)
-
-    def _whole_kv(self, ly: _Layer):
-        be = self._be
-        parts = [be.dequantize_view(g.view()) for g in ly.groups]
-        if len(parts) == 1:
-            return parts[0]
-        order = [h for g in ly.groups for h in g.heads]
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        k = be.take(be.concat([p[0] for p in parts], 1), inverse, 1)
-        v = be.take(be.concat([p[1] for p in parts], 1), inverse, 1)
-        return k, v
 
     def attend(self, layer: int, queries, scale: float | None = None):
         """Attention of the newest ``q_len`` tokens' queries over the layer's compressed cache.

@@ -142,3 +142,15 @@ class HeadGroupKV:
         if self.k_sink is not None:
             total += nb(self.k_sink) + nb(self.v_sink)
         return total
+
+
+def whole_kv(be: Backend, groups: list[HeadGroupKV]):
+    """The whole K and V ``[B, H, T, D]`` of one layer's head ``groups``, heads back in their order."""
+    parts = [be.dequantize_view(g.view()) for g in groups]
+    if len(parts) == 1:
+        return parts[0]
+    order = [h for g in groups for h in g.heads]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    k = be.take(be.concat([p[0] for p in parts], 1), inverse, 1)
+    v = be.take(be.concat([p[1] for p in parts], 1), inverse, 1)
+    return k, v

@@ -12,6 +12,7 @@ hf = require("lmcache.integrations.hf")
 
 import lmcache  # noqa: E402
 from lmcache.calibrate import calibrate  # noqa: E402
+from lmcache.kvblocks import whole_kv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_eviction_keeps_positions_and_matches_a_cache_of_the_kept_tokens(model):
     assert cache.get_seq_length() == 120 == lm.seen_tokens(1)
     ref = transformers.DynamicCache()
     for layer in range(2):
-        k, v = lm._whole_kv(lm._layers[layer])
+        k, v = whole_kv(lm.backend, lm._layers[layer].groups)
         ref.update(k[:, :, :-1], v[:, :, :-1], layer)
     with torch.no_grad():
         expect = model(ids[:, 119:], **{arg: ref}, position_ids=torch.tensor([[119]]),

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from ..backends import get_backend
 from ..backends.base import QuantBlock
-from ..kvblocks import GroupConfig, HeadGroupKV
+from ..kvblocks import GroupConfig, HeadGroupKV, whole_kv
 from ..plan import QuantPlan, heads_by_bits
 from ..quant import check_bits, hadamard
 
@@ -153,15 +153,7 @@ class LMCacheKV:
         return self._whole_kv()
 
     def _whole_kv(self) -> tuple[mx.array, mx.array]:
-        be = get_backend("mlx")
-        parts = [be.dequantize_view(g.view()) for g in self.groups]
-        if len(parts) == 1:
-            return parts[0]
-        order = [h for g in self.groups for h in g.heads]
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        k = be.take(be.concat([p[0] for p in parts], 1), inverse, 1)
-        v = be.take(be.concat([p[1] for p in parts], 1), inverse, 1)
-        return k, v
+        return whole_kv(get_backend("mlx"), self.groups)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """The attention mask for ``N`` new tokens after ``offset`` (mlx-lm's convention).
