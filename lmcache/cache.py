@@ -7,12 +7,9 @@ from typing import Any
 from .backends import backend_of, framework_of, get_backend
 from .backends.base import Backend
 from .eviction import Evictor
-from .kvblocks import GroupConfig, HeadGroupKV, whole_kv
-from .plan import QuantPlan, heads_by_bits
-from .quant import check_bits, hadamard
-
-_ROTATE = {False: (False, False), True: (True, True), "k": (True, False), "v": (False, True),
-           "kv": (True, True), None: (False, False)}
+from .kvblocks import ROTATE, GroupConfig, HeadGroupKV, group_configs, whole_kv
+from .plan import QuantPlan
+from .quant import check_bits
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -66,7 +63,7 @@ class Cache:
                              f"yet; use fp_sinks=0 with them")
         if plan is not None and not isinstance(plan, QuantPlan):
             raise TypeError(f"plan must be a lmcache.QuantPlan or None, got {type(plan).__name__}")
-        if rotate not in _ROTATE:
+        if rotate not in ROTATE:
             raise ValueError(f"rotate must be False, True, 'k', 'v' or 'kv', got {rotate!r}")
         self._evictor = None if policy is None and budget is None else Evictor(policy, budget, sinks)
         if store is not None and not all(hasattr(store, m) for m in ("put", "get", "fetch_prefix")):
@@ -110,23 +107,7 @@ class Cache:
             kb, vb = self.plan.layer_bits(layer, kv_heads)
         else:
             kb, vb = [self.bits] * kv_heads, [self.bits] * kv_heads
-        rk, rv = _ROTATE[self.rotate]
-        out = []
-        for (k_bits, v_bits), heads in heads_by_bits(kb, vb).items():
-            cfg = GroupConfig(k_bits, v_bits, self.group_size, head_dim, self.residual,
-                              rk and k_bits is not None, rv and v_bits is not None, self.fp_sinks)
-            for bits, spec in ((k_bits, cfg.k_spec), (v_bits, cfg.v_spec)):
-                if bits is None:
-                    continue
-                if head_dim % spec.per_byte:
-                    raise ValueError(f"head_dim {head_dim} must be a multiple of {spec.per_byte} for {bits}-bit codes")
-                if spec.axis == -1 and head_dim % spec.group_size:
-                    raise ValueError(f"group_size={self.group_size} must divide head_dim {head_dim} "
-                                     f"(values are grouped over min(group_size, head_dim) channels)")
-            if cfg.rotate_k or cfg.rotate_v:
-                hadamard(head_dim)
-            out.append((heads, cfg))
-        return out
+        return group_configs(kb, vb, self.group_size, head_dim, self.residual, self.rotate, self.fp_sinks)
 
     def _check_kv(self, layer: int, keys, values) -> tuple[Backend, str]:
         be = self._resolve_backend(keys)

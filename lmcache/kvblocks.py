@@ -17,7 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backends.base import Backend, KVView, QuantBlock
-from .quant import QuantSpec
+from .plan import heads_by_bits
+from .quant import QuantSpec, hadamard
+
+#: ``rotate=`` values -> (rotate keys, rotate values).
+ROTATE = {False: (False, False), None: (False, False), True: (True, True), "kv": (True, True),
+          "k": (True, False), "v": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -154,3 +159,29 @@ def whole_kv(be: Backend, groups: list[HeadGroupKV]):
     k = be.take(be.concat([p[0] for p in parts], 1), inverse, 1)
     v = be.take(be.concat([p[1] for p in parts], 1), inverse, 1)
     return k, v
+
+
+def group_configs(k_bits: list, v_bits: list, group_size: int, head_dim: int, residual: int, rotate,
+                  fp_sinks: int = 0) -> list[tuple[list[int], GroupConfig]]:
+    """One ``(heads, GroupConfig)`` per distinct ``(k_bits, v_bits)`` pair of a layer's KV heads.
+
+    ``k_bits``/``v_bits``: per KV head, 2, 4, 8 or ``None``. ``rotate``: a key of ``ROTATE``.
+    Raises ``ValueError`` when ``head_dim`` cannot hold the codes, the value groups or the rotation.
+    """
+    rk, rv = ROTATE[rotate]
+    out = []
+    for (kb, vb), heads in heads_by_bits(k_bits, v_bits).items():
+        cfg = GroupConfig(kb, vb, group_size, head_dim, residual, rk and kb is not None, rv and vb is not None,
+                          fp_sinks)
+        for bits, spec in ((kb, cfg.k_spec), (vb, cfg.v_spec)):
+            if bits is None:
+                continue
+            if head_dim % spec.per_byte:
+                raise ValueError(f"head_dim {head_dim} must be a multiple of {spec.per_byte} for {bits}-bit codes")
+            if spec.axis == -1 and head_dim % spec.group_size:
+                raise ValueError(f"group_size={group_size} must divide head_dim {head_dim} "
+                                 f"(values are grouped over min(group_size, head_dim) channels)")
+        if cfg.rotate_k or cfg.rotate_v:
+            hadamard(head_dim)
+        out.append((heads, cfg))
+    return out

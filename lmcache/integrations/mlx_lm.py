@@ -26,14 +26,12 @@ import mlx.core as mx
 
 from ..backends import get_backend
 from ..backends.base import QuantBlock
-from ..kvblocks import GroupConfig, HeadGroupKV, whole_kv
-from ..plan import QuantPlan, heads_by_bits
-from ..quant import check_bits, hadamard
+from ..kvblocks import ROTATE, GroupConfig, HeadGroupKV, group_configs, whole_kv
+from ..plan import QuantPlan
+from ..quant import check_bits
 
 __all__ = ["LMCacheKV", "load_prompt_cache", "make_prompt_cache", "save_prompt_cache"]
 
-_ROTATE = {False: (False, False), None: (False, False), True: (True, True), "kv": (True, True),
-           "k": (True, False), "v": (False, True)}
 _FORMAT = "lmcache.LMCacheKV/1"
 
 
@@ -75,7 +73,7 @@ class LMCacheKV:
         if (k_bits is None) != (v_bits is None) or (k_bits is not None and len(k_bits) != len(v_bits)):
             raise ValueError(f"k_bits and v_bits must both be given, with one entry per KV head each, "
                              f"got {k_bits!r} and {v_bits!r}")
-        if rotate not in _ROTATE:
+        if rotate not in ROTATE:
             raise ValueError(f"rotate must be False, True, 'k', 'v' or 'kv', got {rotate!r}")
         self.kv_bits, self.group_size, self.residual = kv_bits, group_size, residual
         self.k_bits, self.v_bits, self.rotate = k_bits, v_bits, rotate
@@ -103,21 +101,7 @@ class LMCacheKV:
         vb = self.v_bits if self.v_bits is not None else [self.kv_bits] * kv_heads
         if len(kb) != kv_heads:
             raise ValueError(f"k_bits/v_bits list {len(kb)} KV heads, the layer has {kv_heads}")
-        rk, rv = _ROTATE[self.rotate]
-        out = []
-        for (k, v), heads in heads_by_bits(kb, vb).items():
-            cfg = GroupConfig(k, v, self.group_size, head_dim, self.residual, rk and k is not None,
-                              rv and v is not None)
-            for bits, spec in ((k, cfg.k_spec), (v, cfg.v_spec)):
-                if bits is not None and head_dim % spec.per_byte:
-                    raise ValueError(f"head_dim {head_dim} must be a multiple of {spec.per_byte} for {bits}-bit codes")
-            if v is not None and head_dim % cfg.v_spec.group_size:
-                raise ValueError(f"group_size={self.group_size} must divide head_dim {head_dim} "
-                                 f"(values are grouped over min(group_size, head_dim) channels)")
-            if cfg.rotate_k or cfg.rotate_v:
-                hadamard(head_dim)
-            out.append((heads, cfg))
-        return out
+        return group_configs(kb, vb, self.group_size, head_dim, self.residual, self.rotate)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append ``keys``/``values`` ``[B, kv_heads, new_tokens, head_dim]``; return the whole K, V.
@@ -255,7 +239,7 @@ class LMCacheKV:
         if "groups" not in meta or groups_state is None:
             return
         be = get_backend("mlx")
-        rk, rv = _ROTATE[self.rotate]
+        rk, rv = ROTATE[self.rotate]
         groups = []
         for gm, gs in zip(meta["groups"], groups_state):
             cfg = GroupConfig(gm["k_bits"], gm["v_bits"], self.group_size, gm["head_dim"], self.residual,
