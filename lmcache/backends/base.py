@@ -185,9 +185,11 @@ class Backend(abc.ABC):
 
         ``H`` is symmetric and orthonormal, so the same call undoes it. Computed in float32.
         """
-        d = x.shape[-1]
-        h = self.from_numpy(hadamard(d), "float32", self.device_of(x))
-        return self.cast(self.matmul(self.cast(x, "float32"), h), self.dtype_name(x))
+        d, dev = x.shape[-1], self.device_of(x)
+        cache = self.__dict__.setdefault("_hadamard_cache", {})  # one upload per (head_dim, device)
+        if (d, dev) not in cache:
+            cache[(d, dev)] = self.from_numpy(hadamard(d), "float32", dev)
+        return self.cast(self.matmul(self.cast(x, "float32"), cache[(d, dev)]), self.dtype_name(x))
 
     # ------------------------------------------------------------------ attention
     @abc.abstractmethod

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...quant import QuantSpec, hadamard
+from ...quant import QuantSpec
 from ..base import FLOAT_DTYPES, Backend, KVView, QuantBlock
 from . import ops
 
@@ -58,7 +58,6 @@ class TorchBackend(Backend):
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device={device!r} is not available: torch sees no GPU; use 'cpu' or None")
         super().__init__(device)
-        self._hadamard: dict[tuple[int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ description
     def devices(self) -> list[str]:
@@ -101,6 +100,8 @@ class TorchBackend(Backend):
 
     def from_numpy(self, a, dtype=None, device=None):
         a = np.ascontiguousarray(a)
+        if not a.flags.writeable:  # torch.from_numpy shares memory: never alias a read-only array
+            a = a.copy()
         if a.dtype.name == "bfloat16":  # ml_dtypes: torch reads the bits as uint16
             t = torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
         else:
@@ -160,13 +161,6 @@ class TorchBackend(Backend):
             if supported(tuple(q.codes.shape), q.spec):
                 return tdq(q.codes, q.scale, q.lo, q.spec, td)
         return ops.dequantize(q.codes, q.scale, q.lo, q.spec, td)
-
-    def rotate(self, x):
-        d = x.shape[-1]
-        key = (d, str(x.device))
-        if key not in self._hadamard:
-            self._hadamard[key] = torch.from_numpy(hadamard(d).copy()).to(x.device)
-        return torch.matmul(x.to(torch.float32), self._hadamard[key]).to(x.dtype)
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, k, v, scale):
