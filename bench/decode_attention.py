@@ -98,35 +98,48 @@ def check(segs, q, scale) -> float:
     return rel_err(da.decode_attention(q, segs, scale), ref)
 
 
-def sweep(segs, q, scale) -> dict:
-    """Try launch settings of the row kernel on the batch-16 / 32K 4-bit case; keep the fastest in ``da.CONFIG``."""
-    best = None
+def sweep(caches, q, scale) -> dict:
+    """Try launch settings of the row kernels on the batch-16 / 32K case (4- and 8-bit); keep the best for 4-bit.
 
-    def trial(pps, **cfg):
-        nonlocal best
+    The quantized-segment kernel (``qrows``) at several tile sizes, warps and prefetch
+    settings, then programs per SM; the older row kernel once, for reference.
+    """
+    trials = []
+
+    def trial(pps, rows, qrows):
         da.CONFIG["programs_per_sm"] = pps
-        da.CONFIG["rows"] = dict(cfg)
-        try:
-            ms = timed(da.decode_attention, q, segs, scale, warmup=2, iters=7)
-        except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
-            print(f"  pps={pps} {cfg}: {type(e).__name__}: {str(e)[:80]}", flush=True)
-            return
-        print(f"  pps={pps} {cfg}: {ms:.3f} ms", flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, pps, dict(cfg))
+        da.CONFIG["rows"] = dict(rows)
+        da.CONFIG["qrows"] = dict(qrows)
+        res = {"programs_per_sm": pps, "rows": dict(rows), "qrows": dict(qrows)}
+        for bits, segs in caches.items():
+            try:
+                res[f"q{bits}_ms"] = timed(da.decode_attention, q, segs, scale, warmup=2, iters=7)
+            except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+                res[f"q{bits}_ms"] = float("inf")
+                res[f"q{bits}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        print(f"  pps={pps} qrows={rows['qrows']} {qrows if rows['qrows'] else rows}: "
+              f"4-bit {res['q4_ms']:.3f} ms, 8-bit {res['q8_ms']:.3f} ms", flush=True)
+        trials.append(res)
+        return res
 
+    rows = {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True}
+    base_q = dict(da.CONFIG["qrows"])
+    trial(16, {**rows, "qrows": False}, base_q)  # the older row kernel, for reference
     if DEV == "cuda":
-        grid = [(1, 64, 2, True), (1, 64, 3, True), (1, 32, 2, True), (2, 64, 2, True), (1, 16, 2, False),
-                (1, 16, 3, False), (2, 32, 2, False), (4, 64, 2, False)]
+        grid = [(2, 32, True, 1), (2, 32, False, 2), (2, 32, False, 3), (1, 16, True, 1), (4, 64, True, 1),
+                (2, 64, True, 1), (4, 32, True, 1), (1, 32, True, 1)]
     else:
-        grid = [(1, 16, 2, True), (1, 16, 2, False)]
-    for nw, bn, st, vred in grid:
-        trial(8, num_warps=nw, block_n=bn, num_stages=st, vred=vred)
-    for pps in (4, 16, 32) if DEV == "cuda" else ():
-        trial(pps, **best[2])
-    da.CONFIG["programs_per_sm"] = best[1]
-    da.CONFIG["rows"] = best[2]
-    return {"best_ms": best[0], "programs_per_sm": best[1], "rows": best[2]}
+        grid = [(1, 16, True, 1), (2, 32, False, 2)]
+    for nw, bn, pf, st in grid:
+        trial(16, rows, {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st})
+    best = min((t for t in trials if t["rows"]["qrows"]), key=lambda t: t["q4_ms"])
+    for pps in (8, 32, 64) if DEV == "cuda" else ():
+        trial(pps, rows, best["qrows"])
+    best = min(trials, key=lambda t: t["q4_ms"])
+    da.CONFIG["programs_per_sm"] = best["programs_per_sm"]
+    da.CONFIG["rows"] = best["rows"]
+    da.CONFIG["qrows"] = best["qrows"]
+    return {"best": best, "trials": trials}
 
 
 def bench_quantize(bw: float) -> dict:
@@ -163,7 +176,7 @@ def bench_shape(batch: int, ctx: int, scale: float, do_sweep: bool) -> tuple[dic
            "sdpa_TBps": nbytes(k, v, q) / (sdpa_ms * 1e-3) / 1e12}
     caches = {bits: make_cache(k, v, bits) for bits in (4, 8)}
     del k, v  # room at batch 16 / 128K
-    sw = sweep(caches[4], q, scale) if do_sweep else None
+    sw = sweep(caches, q, scale) if do_sweep else None
     for bits, segs in caches.items():
         ms = timed(da.decode_attention, q, segs, scale)
         read = nbytes(*segs[0], *segs[1], q)

@@ -101,9 +101,16 @@ def _reference(q, segs):
 
 # Kernel variants: the row kernel (values reduced per tile, or per token slot) and the
 # matrix-unit kernel, forced whatever the number of query rows.
-VARIANTS = {"rows": {"rows_max": 1 << 20, "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "vred": True}},
+VARIANTS = {"rows": {"rows_max": 1 << 20,
+                     "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "vred": True, "qrows": False}},
             "rows-slots": {"rows_max": 1 << 20,
-                           "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False}},
+                           "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": False}},
+            "qrows": {"rows_max": 1 << 20,
+                      "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+                      "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 16, "prefetch": True}},
+            "qrows-64": {"rows_max": 1 << 20,
+                         "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+                         "qrows": {"num_warps": 2, "num_stages": 2, "block_n": 64, "prefetch": False}},
             "dot": {"rows_max": 0}}
 
 
@@ -125,7 +132,8 @@ _CASES = [(v, *s, *b) for v in VARIANTS for s in _SHAPES for b in _BITS]
 if DEVICE == "cpu":  # the interpreter runs one program at a time: the row kernels on fewer cases
     _CASES = [c for c in _CASES if c[0] == "dot"] + [
         ("rows", 1, 1, 64, 4, 4), ("rows", 1, 1, 64, 8, 2), ("rows", 1, 1, 64, 2, 8),
-        ("rows-slots", 1, 1, 64, 4, 4), ("rows-slots", 1, 1, 64, 2, 8)]
+        ("rows-slots", 1, 1, 64, 4, 4), ("rows-slots", 1, 1, 64, 2, 8),
+        ("qrows", 1, 1, 64, 4, 4), ("qrows", 1, 1, 64, 8, 2), ("qrows", 1, 1, 128, 2, 8), ("qrows-64", 1, 1, 64, 4, 4)]
 
 
 @pytest.mark.parametrize("name,hkv,L,d,kbits,vbits", _CASES)

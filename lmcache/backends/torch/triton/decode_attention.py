@@ -56,11 +56,24 @@ _MIN_TILES_PER_SPLIT = 8
 CONFIG = {
     "programs_per_sm": 16,
     "rows_max": 2,  # query rows per KV head up to which the row kernel runs
-    "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False},
+    "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+    # segments quantized on both sides, when "rows" has "qrows": the key-operand + qrows kernels
+    "qrows": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _codes_f16(c):
+    """int32 codes below 1024 as float16, exactly, with no int-to-float conversion.
+
+    OR-ing a code into the mantissa of 1024.0 (bits 0x6400) gives 1024 + code, and the
+    subtraction of 1024 is exact: the slow converter (a quarter of the multiply-add rate)
+    is never used.
+    """
+    return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
@@ -145,8 +158,8 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
             bias = tl.sum(q * lk[None, :], axis=1)
             if F32:  # float32 caches: exact products, as the reference
                 s = tl.dot(qs, c.to(tl.float32), input_precision="ieee") + bias[:, None]
-            else:  # codes are exact in float16; q * scale rounds once
-                s = tl.dot(qs.to(tl.float16), c.to(tl.float16)) + bias[:, None]
+            else:  # q * scale rounds once; codes enter as 1024 + code (see _codes_f16), the 1024s come off after
+                s = tl.dot(qs.to(tl.float16), _codes_f16(c)) + bias[:, None]
         else:
             k = tl.load(kc_ptr + k_base + tok[None, :] * skc_t + cols[:, None], mask=tok_ok[None, :], other=0.0)
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
@@ -177,7 +190,7 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
             if F32:
                 pv = tl.dot(ps, cv.to(tl.float32), input_precision="ieee")
             else:
-                pv = tl.dot(ps.to(tl.float16), cv.to(tl.float16))
+                pv = tl.dot(ps.to(tl.float16), _codes_f16(cv))
             acc = acc * alpha[None, :, None] + pv
             acc_lo = acc_lo * alpha[None, :] + tl.sum(p[None, :, :] * lv[:, None, :], axis=2)
         else:
@@ -354,9 +367,188 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         tl.store(o_base + wv, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Field ``j`` of int32 ``words`` as the float ``2**23 + code * 2**e`` (e = 20, 16, 15 for 2, 4, 8 bits).
+
+    The field is moved to bit ``e`` (one shift, none for the field already there) and OR-ed
+    into the bits of 2**23: scaled by ``2**-e`` that is ``2**(23 - e) + code``, whose constant
+    the caller removes once per tile instead of once per code.
+    """
+    E: tl.constexpr = 20 if BITS == 2 else (16 if BITS == 4 else 15)  # high in the mantissa: 2**(23 - E) is small
+    OFF: tl.constexpr = j * BITS
+    if OFF > E:
+        x = words >> (OFF - E)
+    elif OFF < E:
+        x = words << (E - OFF)
+    else:
+        x = words
+    return ((x & ((2 ** BITS - 1) << E)) | _MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr):
+    """Every field of int32 ``words`` [N, W, 1] as in ``_field_hi``: floats [N, W, PW].
+
+    The field axis is last and the words arrive with it (of size one), so the fields stay
+    in the thread, in the layout the words were loaded in.
+    """
+    E: tl.constexpr = 20 if BITS == 2 else (16 if BITS == 4 else 15)  # as in _field_hi
+    off = tl.arange(0, PW)[None, None, :] * BITS
+    left = tl.maximum(E - off, 0)
+    right = tl.maximum(off - E, 0)
+    x = (words << left) >> right  # the sign bits an arithmetic shift brings in lie above the field
+    return ((x & ((2 ** BITS - 1) << E)) | _MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, a_ptr, bias_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
+                         T, G, Hkv, M, D: tl.constexpr, KBITS: tl.constexpr, GK: tl.constexpr,
+                         PAGED: tl.constexpr, PAGE: tl.constexpr):
+    # One program: one query row, one key group. a = q * scale * 2**-e (float32, field-major:
+    # the j-th field of every word is contiguous, so the decode kernel loads each field's
+    # operands as one vector in the layout of its code words) and bias = q . lo - 2**23 * sum(a),
+    # the constant of _field_hi folded in.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    bh = pid // M
+    b = bh // Hkv
+    h = bh % Hkv
+    if PAGED:
+        T = tl.load(len_ptr + b)
+    if g * GK < T:
+        n0 = g * GK
+        if PAGED:
+            row = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
+            loc = n0 % PAGE
+        else:
+            row = b.to(tl.int64)
+            loc = n0
+        PK: tl.constexpr = 32 // KBITS
+        WK: tl.constexpr = D // PK
+        E: tl.constexpr = 20 if KBITS == 2 else (16 if KBITS == 4 else 15)  # as in _field_hi
+        j = tl.arange(0, PK)[:, None]
+        w = tl.arange(0, WK)[None, :]
+        ch = w * PK + j
+        off = row * sks_b + h * sks_h + (loc // GK) * sks_t + ch
+        q = tl.load(q_ptr + pid * D + ch)
+        a = q * tl.load(ks_ptr + off).to(tl.float32) * (1.0 / (1 << E))
+        tl.store(a_ptr + (pid * G + g) * D + j * WK + w, a)
+        bias = tl.sum(tl.sum(q * tl.load(kl_ptr + off).to(tl.float32) - 8388608.0 * a, axis=1), axis=0)
+        tl.store(bias_ptr + pid * G + g, bias)
+
+
+@triton.jit
+def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
+                         len_ptr, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+                         T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                         D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
+                         GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                         PREFETCH: tl.constexpr):
+    # One program: one query row (of M per KV head) of one (sequence, KV head), one split,
+    # both sides quantized; codes read as int32 words [BLOCK_N, W]. Keys: the scaled query
+    # of each key group comes from _key_operands_kernel, field-major, so each field's
+    # operands load as one vector in the words' layout; score = sum_j field_j * a_j + bias
+    # with no per-code subtraction (see _field_hi). Values: one running output per token slot
+    # (no reduction across threads in the loop), the constant of _field_hi folded into lo.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    bh = pid // M
+    r = pid % M
+    b = bh // Hkv
+    h = bh % Hkv
+    qpos = QOFF + r % L
+    if PAGED:
+        T = tl.load(len_ptr + b)
+        qpos = qpos + T
+    n_tiles = tl.cdiv(T, BLOCK_N)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    PK: tl.constexpr = 32 // KBITS
+    WK: tl.constexpr = D // PK
+    PV: tl.constexpr = 32 // VBITS
+    WV: tl.constexpr = D // PV
+    EV: tl.constexpr = 20 if VBITS == 2 else (16 if VBITS == 4 else 15)  # as in _field_hi
+    wk = tl.arange(0, WK)[None, :]
+    wv = tl.arange(0, WV)[None, :]
+    wv3 = tl.arange(0, WV)[None, :, None]
+    gv = (wv * PV) // GV  # the value group of each word (a word never straddles two)
+    m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), axis=0)
+    l_s = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, WV, PV], tl.float32)
+    acc_lo = tl.zeros([BLOCK_N, WV], tl.float32)
+
+    loc, k_base, _, v_base, vs_base = _tile_bases(t_lo * BLOCK_N, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0,
+                                                  svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
+    end = tl.minimum(T, t_hi * BLOCK_N)  # this split's last token + 1
+    if PREFETCH:
+        ok0 = (t_lo * BLOCK_N + offs_n)[:, None] < end
+        kw_n = tl.load(kc_ptr + k_base + (loc + offs_n)[:, None] * skc_t + wk, mask=ok0, other=0)
+        vw_n = tl.load(vc_ptr + v_base + (loc + offs_n)[:, None, None] * svc_t + wv3, mask=ok0[:, :, None], other=0)
+    for tile in range(t_lo, t_hi):
+        n0 = tile * BLOCK_N
+        tok_ok = (n0 + offs_n)[:, None] < T
+        if PREFETCH:
+            kw = kw_n
+            vw = vw_n
+            n1 = n0 + BLOCK_N
+            loc1, k_base1, _, v_base1, _ = _tile_bases(n1, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h,
+                                                       svs_b, svs_h, PAGED, PAGE)
+            ok1 = (n1 + offs_n)[:, None] < end
+            kw_n = tl.load(kc_ptr + k_base1 + (loc1 + offs_n)[:, None] * skc_t + wk, mask=ok1, other=0)
+            vw_n = tl.load(vc_ptr + v_base1 + (loc1 + offs_n)[:, None, None] * svc_t + wv3, mask=ok1[:, :, None],
+                           other=0)
+        loc, k_base, _, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0,
+                                                      svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
+        if not PREFETCH:
+            kw = tl.load(kc_ptr + k_base + (loc + offs_n)[:, None] * skc_t + wk, mask=tok_ok, other=0)
+            vw = tl.load(vc_ptr + v_base + (loc + offs_n)[:, None, None] * svc_t + wv3, mask=tok_ok[:, :, None],
+                         other=0)
+
+        # ---- scores, base 2 (q carries scale * log2 e); a tile lies inside one key group
+        a_row = a_ptr + (pid * G + n0 // GK) * D + wk
+        sacc = tl.zeros([BLOCK_N, WK], tl.float32)
+        for j in tl.static_range(PK):
+            sacc += _field_hi(kw, j, KBITS) * tl.load(a_row + j * WK)
+        s = tl.sum(sacc, axis=1) + tl.load(bias_ptr + pid * G + n0 // GK)
+        s = tl.where(((n0 + offs_n) < T) & ((n0 + offs_n) <= qpos), s, float("-inf"))
+
+        # ---- online softmax, one running output per token slot; rescale only when the max grows
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        if m_new > m_i:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha
+            acc_lo = acc_lo * alpha
+            l_s = l_s * alpha
+            m_i = m_new
+        p = tl.math.exp2(s - m_i)
+        l_s = l_s + p
+
+        # ---- values: p @ (c * s + lo) = (p * s) @ c + p @ lo per group, minus the constant of _field_hi
+        vs_off = vs_base + (loc + offs_n)[:, None] * svs_t + gv
+        sv = tl.load(vs_ptr + vs_off, mask=tok_ok, other=0.0).to(tl.float32)
+        lv = tl.load(vl_ptr + vs_off, mask=tok_ok, other=0.0).to(tl.float32)
+        ps = p[:, None] * sv
+        acc_lo += p[:, None] * lv - ps * (1 << (23 - EV))
+        ps = ps * (1.0 / (1 << EV))
+        acc += _fields_hi(vw, VBITS, PV) * ps[:, :, None]
+
+    bhs = tl.num_programs(0) // M
+    ps_idx = (split_base + split) * bhs + bh
+    tl.store(m_ptr + ps_idx * M + r, m_i)
+    tl.store(l_ptr + ps_idx * M + r, tl.sum(l_s, axis=0))
+    o = tl.sum(acc, axis=0) + tl.sum(acc_lo, axis=0)[:, None]  # [WV, PV]
+    tl.store(o_ptr + (ps_idx * M + r) * D + tl.arange(0, WV)[:, None] * PV + tl.arange(0, PV)[None, :], o)
+
+
 def _block_n(side_k, side_v, kind: str) -> int | None:
     """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
     bn = CONFIG[kind]["block_n"]
+    if (kind == "rows" and CONFIG["rows"]["qrows"] and isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)
+            and side_k.scale.dtype != torch.float32):
+        bn = CONFIG["qrows"]["block_n"]
     if isinstance(side_k, QuantBlock):
         g = side_k.spec.group_size
         if not is_pow2(g) or g < 16:
@@ -443,7 +635,20 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     cfg = CONFIG[kind]
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
               *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
-    if rows:
+    if rows and cfg["qrows"] and kb[0][0] > 0 and vb[0][0] > 0 and not f32:  # float16 key operands
+        qc = CONFIG["qrows"]
+        g = math.ceil(T / kb[0][1])
+        a_op = torch.empty((bh * m_rows, g, d), dtype=torch.float32, device=q2.device)
+        bias = torch.empty((bh * m_rows, g), dtype=torch.float32, device=q2.device)
+        _key_operands_kernel[(bh * m_rows, g)](
+            q2, ks, kl, a_op, bias, tbl, lens, *sks, stbl, T, g, hkv, m_rows, D=d, KBITS=kb[0][0], GK=kb[0][1],
+            PAGED=paged is not None, PAGE=page, num_warps=1)
+        _decode_qrows_kernel[(bh * m_rows, n_splits)](
+            q2, kc, a_op, bias, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl, T, g, qoff,
+            tiles_per_split, split_base, hkv, m_rows, L, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1],
+            GV=vb[0][1], BLOCK_N=block_n, PAGED=paged is not None, PAGE=page, PREFETCH=qc["prefetch"],
+            num_warps=qc["num_warps"], num_stages=qc["num_stages"])
+    elif rows:
         _decode_rows_kernel[(bh * m_rows, n_splits)](
             *common, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1], GV=vb[0][1], BLOCK_N=block_n,
             PAGED=paged is not None, PAGE=page, VRED=cfg["vred"], num_warps=cfg["num_warps"],
