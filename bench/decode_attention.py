@@ -99,47 +99,53 @@ def check(segs, q, scale) -> float:
 
 
 def sweep(caches, q, scale) -> dict:
-    """Try launch settings of the row kernels on the batch-16 / 32K case (4- and 8-bit); keep the best for 4-bit.
+    """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
-    The quantized-segment kernel (``qrows``) at several tile sizes, warps and prefetch
-    settings, then programs per SM; the older row kernel once, for reference.
+    4-bit caches use ``CONFIG["qrows"]``, caches with 8-bit codes ``CONFIG["qrows8"]``: each is
+    tried at several tile sizes, warps and prefetch settings, then programs per SM (shared,
+    chosen on 4-bit). The older row kernel runs once on each, for reference.
     """
     trials = []
 
-    def trial(pps, rows, qrows):
-        da.CONFIG["programs_per_sm"] = pps
-        da.CONFIG["rows"] = dict(rows)
-        da.CONFIG["qrows"] = dict(qrows)
-        res = {"programs_per_sm": pps, "rows": dict(rows), "qrows": dict(qrows)}
-        for bits, segs in caches.items():
-            try:
-                res[f"q{bits}_ms"] = timed(da.decode_attention, q, segs, scale, warmup=2, iters=7)
-            except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
-                res[f"q{bits}_ms"] = float("inf")
-                res[f"q{bits}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-        print(f"  pps={pps} qrows={rows['qrows']} {qrows if rows['qrows'] else rows}: "
-              f"4-bit {res['q4_ms']:.3f} ms, 8-bit {res['q8_ms']:.3f} ms", flush=True)
+    def trial(bits, key, cfg, pps=None, qrows=True):
+        saved = (da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG[key])
+        da.CONFIG["programs_per_sm"] = pps or saved[0]
+        da.CONFIG["rows"] = {**saved[1], "qrows": qrows}
+        da.CONFIG[key] = dict(cfg)
+        res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
+               "programs_per_sm": da.CONFIG["programs_per_sm"]}
+        try:
+            res["ms"] = timed(da.decode_attention, q, caches[bits], scale, warmup=2, iters=7)
+        except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+            res["ms"], res["error"] = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
+        da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG[key] = saved
+        print(f"  {bits}-bit {res['config']} pps={res['programs_per_sm']} {cfg}: {res['ms']:.3f} ms", flush=True)
         trials.append(res)
         return res
 
-    rows = {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True}
-    base_q = dict(da.CONFIG["qrows"])
-    trial(16, {**rows, "qrows": False}, base_q)  # the older row kernel, for reference
-    if DEV == "cuda":
-        grid = [(2, 32, True, 1), (2, 32, False, 2), (2, 32, False, 3), (1, 16, True, 1), (4, 64, True, 1),
-                (2, 64, True, 1), (4, 32, True, 1), (1, 32, True, 1)]
-    else:
-        grid = [(1, 16, True, 1), (2, 32, False, 2)]
-    for nw, bn, pf, st in grid:
-        trial(16, rows, {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st})
-    best = min((t for t in trials if t["rows"]["qrows"]), key=lambda t: t["q4_ms"])
-    for pps in (8, 32, 64) if DEV == "cuda" else ():
-        trial(pps, rows, best["qrows"])
-    best = min(trials, key=lambda t: t["q4_ms"])
-    da.CONFIG["programs_per_sm"] = best["programs_per_sm"]
-    da.CONFIG["rows"] = best["rows"]
-    da.CONFIG["qrows"] = best["qrows"]
-    return {"best": best, "trials": trials}
+    def settings(nw, bn, pf, st):
+        return {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st}
+
+    grids = {4: [(1, 16, True, 1), (1, 8, True, 1), (1, 8, False, 2), (1, 16, False, 2), (2, 32, True, 1),
+                 (1, 32, True, 1)],
+             8: [(4, 32, True, 1), (2, 32, True, 1), (2, 16, True, 1), (4, 64, True, 1), (8, 64, True, 1),
+                 (1, 8, True, 1)]}
+    if DEV != "cuda":
+        grids = {4: [(1, 16, True, 1)], 8: [(2, 16, True, 1)]}
+    best = {}
+    for bits, key in ((4, "qrows"), (8, "qrows8")):
+        trial(bits, key, da.CONFIG[key], pps=16, qrows=False)
+        for g in grids[bits]:
+            trial(bits, key, settings(*g))
+        best[bits] = min((t for t in trials if t["bits"] == bits and t["config"] == key), key=lambda t: t["ms"])
+        da.CONFIG[key] = best[bits]["settings"]
+    for pps in (32, 128) if DEV == "cuda" else ():
+        t = trial(4, "qrows", da.CONFIG["qrows"], pps=pps)
+        if t["ms"] < best[4]["ms"]:
+            best[4] = t
+            da.CONFIG["programs_per_sm"] = pps
+    return {"best": {str(k): v for k, v in best.items()}, "trials": trials,
+            "programs_per_sm": da.CONFIG["programs_per_sm"]}
 
 
 def bench_quantize(bw: float) -> dict:

@@ -48,17 +48,20 @@ _LOG2E = 1.4426950408889634
 # long sequence still fills the GPU), each streaming at least this many tiles.
 _MIN_TILES_PER_SPLIT = 8
 # Launch settings, measured on one H200 (bench/decode_attention.py, torch 2.11, Triton 3.6,
-# 2026-11-28; bench/results/decode_attention-NVIDIA-H200.json). Row kernel, batch 16 x 40 heads
-# x 32K tokens, 4-bit: 2 warps, 32-token tiles, per-slot outputs and 16 programs per SM gave
-# 3.57 ms; 1 warp / 64 tokens / per-tile reduction 6.0 ms; 4 programs per SM 5.3 ms. Matrix-unit
-# kernel: 4 warps, no pipelining, 64-token tiles (10.2 ms with 1 row, 2.1 ms for 5 rows over 8 KV
-# heads, where the row kernel took 3.5 ms): so the row kernel runs only up to 2 rows per KV head.
+# 2026-11-28; bench/results/decode_attention-NVIDIA-H200.json). Batch 16 x 40 heads x 32K tokens,
+# one query row per KV head. 4-bit: the qrows kernel with 1 warp, 16-token tiles and 64 programs
+# per SM took 1.79 ms without prefetch (two pipeline stages), 1.82 ms with it; 8-token tiles 1.94,
+# 2 warps / 32 tokens 2.06; the older row kernel 3.56 ms. 8-bit: 4 warps / 32 tokens 2.56 ms
+# (2 warps / 16 tokens 2.74; the row kernel 3.63). Matrix-unit kernel: 4 warps, no pipelining,
+# 64-token tiles; it runs from 3 query rows per KV head (GQA 40/8, 4 query tokens: 3.30 ms, the
+# row kernel 6.02 ms).
 CONFIG = {
-    "programs_per_sm": 16,
-    "rows_max": 2,  # query rows per KV head up to which the row kernel runs
+    "programs_per_sm": 64,
+    "rows_max": 2,  # query rows per KV head up to which the row kernels run
     "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
-    # segments quantized on both sides, when "rows" has "qrows": the key-operand + qrows kernels
-    "qrows": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},
+    # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows"
+    "qrows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "prefetch": False},
+    "qrows8": {"num_warps": 4, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
@@ -368,12 +371,14 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
 
 
 @triton.jit
-def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr):
+def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr, magic):
     """Field ``j`` of int32 ``words`` as the float ``2**23 + code * 2**e`` (e = 20, 16, 15 for 2, 4, 8 bits).
 
     The field is moved to bit ``e`` (one shift, none for the field already there) and OR-ed
     into the bits of 2**23: scaled by ``2**-e`` that is ``2**(23 - e) + code``, whose constant
-    the caller removes once per tile instead of once per code.
+    the caller removes once per tile instead of once per code. ``magic`` is 0x4B000000 passed in
+    at run time: a constant would be a second immediate, which one LOP3 cannot take, and the
+    mask and the OR would cost two instructions per code instead of one.
     """
     E: tl.constexpr = 20 if BITS == 2 else (16 if BITS == 4 else 15)  # high in the mantissa: 2**(23 - E) is small
     OFF: tl.constexpr = j * BITS
@@ -383,12 +388,12 @@ def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr):
         x = words << (E - OFF)
     else:
         x = words
-    return ((x & ((2 ** BITS - 1) << E)) | _MAGIC).to(tl.float32, bitcast=True)
+    return ((x & ((2 ** BITS - 1) << E)) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr):
-    """Every field of int32 ``words`` [N, W, 1] as in ``_field_hi``: floats [N, W, PW].
+def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr, magic):
+    """Every field of int32 ``words`` [N, W, 1] as in ``_field_hi`` (``magic`` too): floats [N, W, PW].
 
     The field axis is last and the words arrive with it (of size one), so the fields stay
     in the thread, in the layout the words were loaded in.
@@ -398,7 +403,7 @@ def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr):
     left = tl.maximum(E - off, 0)
     right = tl.maximum(off - E, 0)
     x = (words << left) >> right  # the sign bits an arithmetic shift brings in lie above the field
-    return ((x & ((2 ** BITS - 1) << E)) | _MAGIC).to(tl.float32, bitcast=True)
+    return ((x & ((2 ** BITS - 1) << E)) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -441,7 +446,7 @@ def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, a_ptr, bias_ptr, tbl_ptr, len_pt
 @triton.jit
 def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
                          len_ptr, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
-                         T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                         T, G, QOFF, tiles_per_split, split_base, Hkv, M, L, magic,
                          D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
                          GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                          PREFETCH: tl.constexpr):
@@ -511,7 +516,7 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
         a_row = a_ptr + (pid * G + n0 // GK) * D + wk
         sacc = tl.zeros([BLOCK_N, WK], tl.float32)
         for j in tl.static_range(PK):
-            sacc += _field_hi(kw, j, KBITS) * tl.load(a_row + j * WK)
+            sacc += _field_hi(kw, j, KBITS, magic) * tl.load(a_row + j * WK)
         s = tl.sum(sacc, axis=1) + tl.load(bias_ptr + pid * G + n0 // GK)
         s = tl.where(((n0 + offs_n) < T) & ((n0 + offs_n) <= qpos), s, float("-inf"))
 
@@ -533,7 +538,7 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
         ps = p[:, None] * sv
         acc_lo += p[:, None] * lv - ps * (1 << (23 - EV))
         ps = ps * (1.0 / (1 << EV))
-        acc += _fields_hi(vw, VBITS, PV) * ps[:, :, None]
+        acc += _fields_hi(vw, VBITS, PV, magic) * ps[:, :, None]
 
     bhs = tl.num_programs(0) // M
     ps_idx = (split_base + split) * bhs + bh
@@ -543,12 +548,17 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
     tl.store(o_ptr + (ps_idx * M + r) * D + tl.arange(0, WV)[:, None] * PV + tl.arange(0, PV)[None, :], o)
 
 
+def _qrows_config(kbits: int, vbits: int) -> dict:
+    """The qrows launch settings for a segment of ``kbits``/``vbits`` codes (8-bit ones have their own)."""
+    return CONFIG["qrows8"] if 8 in (kbits, vbits) else CONFIG["qrows"]
+
+
 def _block_n(side_k, side_v, kind: str) -> int | None:
     """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
     bn = CONFIG[kind]["block_n"]
     if (kind == "rows" and CONFIG["rows"]["qrows"] and isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)
             and side_k.scale.dtype != torch.float32):
-        bn = CONFIG["qrows"]["block_n"]
+        bn = _qrows_config(side_k.spec.bits, side_v.spec.bits)["block_n"]
     if isinstance(side_k, QuantBlock):
         g = side_k.spec.group_size
         if not is_pow2(g) or g < 16:
@@ -636,7 +646,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
               *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
     if rows and cfg["qrows"] and kb[0][0] > 0 and vb[0][0] > 0 and not f32:  # float16 key operands
-        qc = CONFIG["qrows"]
+        qc = _qrows_config(kb[0][0], vb[0][0])
         g = math.ceil(T / kb[0][1])
         a_op = torch.empty((bh * m_rows, g, d), dtype=torch.float32, device=q2.device)
         bias = torch.empty((bh * m_rows, g), dtype=torch.float32, device=q2.device)
@@ -645,7 +655,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
             PAGED=paged is not None, PAGE=page, num_warps=1)
         _decode_qrows_kernel[(bh * m_rows, n_splits)](
             q2, kc, a_op, bias, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl, T, g, qoff,
-            tiles_per_split, split_base, hkv, m_rows, L, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1],
+            tiles_per_split, split_base, hkv, m_rows, L, 0x4B000000, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1],
             GV=vb[0][1], BLOCK_N=block_n, PAGED=paged is not None, PAGE=page, PREFETCH=qc["prefetch"],
             num_warps=qc["num_warps"], num_stages=qc["num_stages"])
     elif rows:
