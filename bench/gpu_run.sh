@@ -16,7 +16,7 @@ for what in "${@:-decode}"; do
              2>&1 | tail -25 | tee $OUT/tests.log ;;
     jaxtests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,jax timeout 150 python3 -m pytest -q -x \
              tests/test_pallas_kernels.py tests/test_jax_functional.py 2>&1 | tail -15 | tee $OUT/jaxtests.log ;;
-    decode) timeout ${DECODE_TIMEOUT:-420} python3 bench/decode_attention.py --out $OUT 2>&1 | tee $OUT/decode.log | tail -60 ;;
+    decode) timeout ${DECODE_TIMEOUT:-420} python3 bench/decode_attention.py --out $OUT ${DECODE_ARGS:-} 2>&1 | tee $OUT/decode.log | tail -60 ;;
     jax) timeout 200 python3 bench/decode_attention_jax.py --out $OUT --budget ${JAX_BUDGET:-120} 2>&1 | tee $OUT/jax.log | tail -30 ;;
     store) timeout 300 python3 bench/store.py --out $OUT ${STORE_ARGS:-} 2>&1 | tee $OUT/store.log | tail -30 ;;
   esac

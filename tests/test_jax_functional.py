@@ -16,6 +16,22 @@ from lmcache.backends.jax import functional as F  # noqa: E402
 NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
+def _close(actual, expected, tol, step):
+    """``assert_allclose``, except that on a GPU a few codes may sit one quantization step away.
+
+    XLA:GPU's float32 division is not correctly rounded, so a quotient within an ulp of a
+    rounding boundary can round the other way (DESIGN.md allows such one-step flips); on the
+    CPU every element must match.
+    """
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_allclose(actual, expected, **tol)
+        return
+    off = ~np.isclose(actual, expected, **tol)
+    assert off.mean() < 1e-3, f"{off.sum()} of {off.size} elements differ"
+    assert (np.abs(actual - expected)[off] <= step).all()
+
+
 def _steps(rng, b, h, d, sizes):
     for n in sizes:
         yield (rng.standard_normal((b, h, n, d)).astype(np.float32),
@@ -38,10 +54,12 @@ def test_matches_the_eager_cache(rng, dtype, bits, q_heads):
         length = int(state.length)
         assert length == cache.seq_len(0) and ko.shape == (b, h, state.capacity, d)
         assert int(state.n_quant) == cache.stats()["tokens_quantized"]
-        np.testing.assert_allclose(np.asarray(ko[:, :, :length], np.float32), kr.astype(np.float32), **tol)
-        np.testing.assert_allclose(np.asarray(vo[:, :, :length], np.float32), vr.astype(np.float32), **tol)
+        qstep = 1.01 * max(np.ptp(kr.astype(np.float32)), np.ptp(vr.astype(np.float32))) / (2 ** bits - 1)
+        _close(ko[:, :, :length], kr, tol, qstep)
+        _close(vo[:, :, :length], vr, tol, qstep)
         assert not np.asarray(ko[:, :, length:], np.float32).any()  # zeros past the held tokens
-        np.testing.assert_allclose(np.asarray(out, np.float32), cache.attend(0, q).astype(np.float32), **tol)
+        ref = cache.attend(0, q)
+        _close(out, ref, tol if jax.default_backend() == "cpu" else dict(rtol=1e-2, atol=1e-2), qstep)
 
 
 def test_decode_steps_compile_once(rng):

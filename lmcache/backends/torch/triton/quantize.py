@@ -38,17 +38,34 @@ def _round_codes(x, lo, scale, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _pack(codes, N: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
+    """int32 codes [N, C] packed along C, little-end first: [N, C // PER] (PER = 1, 2 or 4).
+
+    Neighbouring channels are joined first, then pairs of pairs, each by splitting an axis
+    of two that stays inside the thread (no exchange between threads).
+    """
+    if PER == 1:
+        out = codes
+    else:
+        even, odd = tl.split(tl.reshape(codes, [N, C // 2, 2]))
+        out = even | (odd << BITS)
+        if PER == 4:
+            even, odd = tl.split(tl.reshape(out, [N, C // 4, 2]))
+            out = even | (odd << (2 * BITS))
+    return out
+
+
+@triton.jit
 def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
                           D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
-    # One program: one row (batch * head) and one group of G tokens, every channel.
+    # One program: one row (batch * head) and one group of G tokens, every channel. The tile
+    # is read as [G, D], whole contiguous rows, and packed by splitting the channel axis.
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     W: tl.constexpr = D // PER
     t = grp * G + tl.arange(0, G)
-    w = tl.arange(0, W)
-    i = tl.arange(0, PER)
-    ch = w[:, None] * PER + i[None, :]                                   # [W, PER]
-    x = tl.load(x_ptr + row * T * D + t[:, None, None] * D + ch[None, :, :]).to(tl.float32)
+    ch = tl.arange(0, D)
+    x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :]).to(tl.float32)
     lo = tl.min(x, axis=0)
     hi = tl.max(x, axis=0)
     sdt = s_ptr.dtype.element_ty
@@ -58,8 +75,8 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     sf = scale.to(tl.float32)
     inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
     codes = _round_codes(x, lo_s.to(tl.float32)[None], sf[None], inv[None], 2 ** BITS - 1)
-    packed = tl.sum(codes << (i * BITS)[None, None, :], axis=2)           # disjoint bits: sum == or
-    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(tl.uint8))
+    packed = _pack(codes, G, D, BITS, PER)  # [G, W]: channel 2i is the low nibble of byte i
+    tl.store(c_ptr + row * T * W + t[:, None] * W + tl.arange(0, W)[None, :], packed.to(tl.uint8))
     soff = row * (T // G) * D + grp * D + ch
     tl.store(s_ptr + soff, scale)
     tl.store(l_ptr + soff, lo_s)
@@ -74,23 +91,21 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
     WG: tl.constexpr = G // PER
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     g = tl.arange(0, NG)
-    w = tl.arange(0, WG)
-    i = tl.arange(0, PER)
     mask_t = t < n_tok
-    ch = g[:, None, None] * G + w[None, :, None] * PER + i[None, None, :]  # [NG, WG, PER]
-    m4 = mask_t[:, None, None, None]
-    x = tl.load(x_ptr + t[:, None, None, None] * D + ch[None], mask=m4, other=0.0).to(tl.float32)
-    lo = tl.min(tl.min(x, axis=3), axis=2)                                # [BLOCK_T, NG]
-    hi = tl.max(tl.max(x, axis=3), axis=2)
+    ch = g[:, None] * G + tl.arange(0, G)[None, :]  # [NG, G]: whole contiguous rows
+    x = tl.load(x_ptr + t[:, None, None] * D + ch[None], mask=mask_t[:, None, None], other=0.0).to(tl.float32)
+    lo = tl.min(x, axis=2)                                                # [BLOCK_T, NG]
+    hi = tl.max(x, axis=2)
     sdt = s_ptr.dtype.element_ty
     scale = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + (2 ** BITS - 1)).to(sdt)
     scale = tl.where(scale == 0, 1.0, scale.to(tl.float32)).to(sdt)
     lo_s = lo.to(sdt)
     sf = scale.to(tl.float32)
     inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
-    codes = _round_codes(x, lo_s.to(tl.float32)[:, :, None, None], sf[:, :, None, None], inv[:, :, None, None],
-                         2 ** BITS - 1)
-    packed = tl.sum(codes << (i * BITS)[None, None, None, :], axis=3)     # [BLOCK_T, NG, WG]
+    codes = _round_codes(x, lo_s.to(tl.float32)[:, :, None], sf[:, :, None], inv[:, :, None], 2 ** BITS - 1)
+    packed = tl.reshape(_pack(tl.reshape(codes, [BLOCK_T * NG, G]), BLOCK_T * NG, G, BITS, PER),
+                        [BLOCK_T, NG, WG])
+    w = tl.arange(0, WG)
     coff = t[:, None, None] * (D // PER) + g[None, :, None] * WG + w[None, None, :]
     tl.store(c_ptr + coff, packed.to(tl.uint8), mask=mask_t[:, None, None])
     soff = t[:, None] * NG + g[None, :]
