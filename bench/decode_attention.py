@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lmcache.backends.base import QuantBlock  # noqa: E402
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
+from lmcache.backends.torch.triton import quantize as qz  # noqa: E402
 from lmcache.backends.torch.triton.dequantize import dequantize  # noqa: E402
 from lmcache.backends.torch.triton.quantize import quantize  # noqa: E402
 from lmcache.quant import QuantSpec  # noqa: E402
@@ -149,10 +150,21 @@ def sweep(caches, q, scale) -> dict:
 
 
 def bench_quantize(bw: float) -> dict:
-    """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits."""
+    """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits.
+
+    First tries 2, 4 and 8 warps per program for each kernel on 4-bit codes and keeps the best.
+    """
     k = torch.randn(1, HEADS, PREFILL, HEAD_DIM, dtype=torch.float16, device=DEV)
     v = torch.randn_like(k)
-    quant = {}
+    tried = {}
+    for side, x, spec in (("keys", k, QuantSpec(4, GROUP, -2)), ("values", v, QuantSpec(4, GROUP, -1))):
+        for nw in (2, 4, 8) if DEV == "cuda" else (4,):
+            qz.CONFIG[f"{side}_warps"] = nw
+            tried[f"{side}_warps={nw}"] = timed(quantize, x, spec)
+        qz.CONFIG[f"{side}_warps"] = min((2, 4, 8) if DEV == "cuda" else (4,),
+                                         key=lambda nw: tried[f"{side}_warps={nw}"])
+    print(f"quantize warps: {tried} -> {qz.CONFIG}", flush=True)
+    quant = {"warps_tried_ms": tried, "config": dict(qz.CONFIG)}
     for bits in (4, 8):
         ks, vs = QuantSpec(bits, GROUP, -2), QuantSpec(bits, GROUP, -1)
 
