@@ -1,9 +1,19 @@
 """Fused decode attention over the compressed cache, split along the sequence (flash-decoding).
 
-Two kernels over the same partial-result format, both reading the packed codes where they
+Three kernels over the same partial-result format, all reading the packed codes where they
 lie (never writing a dequantized copy of the cache):
 
-``_decode_rows_kernel`` (a few query rows per KV head, the common decode step): one program
+``_decode_qrows_kernel`` (a few query rows per KV head over a segment quantized on both sides,
+the common decode step; float16/bfloat16 scales): one program per query row and split. A small
+``_key_operands_kernel`` first writes, per query row and key group, the scaled query
+``a = q * scale * 2**-e`` field-major (each field's operands load as one vector in the layout of
+the code words) and the group's constant. Each field is shifted to bit ``e`` high in the
+mantissa and OR-ed into the bits of 2**23 (``_field_hi``): the float is ``2**23 + code * 2**e``,
+so ``a * field = q * scale * (2**(23 - e) + code)`` and the ``2**(23 - e)`` terms come off once
+per group (keys) or through the offsets (values) instead of once per code: a shift, one LOP3
+and one fused multiply-add per code. Values keep one running output per token slot.
+
+``_decode_rows_kernel`` (the same rows over segments with a dense side, or float32 scales): one program
 per query row and split, no matrix units. Codes are read as 32-bit words and turned into
 floats without the slow int-to-float conversion: a field masked in place and OR-ed with
 the exponent of 2**23 is the float ``2**23 + code * 2**e``; subtracting 2**23 leaves
