@@ -10,7 +10,14 @@ a store holding only that tier):
 * disk: put (until fsync'd) and cold get (page cache dropped) against writing each chunk's
   bytes to its own file with fsync, and reading those files back cold;
 * remote: put (until the server has it) and get against redis-py SET/GET of each chunk's
-  bytes on one connection, sequentially, to a server this script starts on loopback.
+  bytes on one connection, sequentially, to a server this script starts on loopback
+  (``--remote-unix`` measures a unix socket to it as well).
+
+With ``--device cuda`` the torch backend's host hooks move the chunks (pinned pool, one
+gather kernel and one device-to-host copy per chunk; see ``Backend.pack_to_host``) and the
+host ceiling is a device-to-host / host-to-device copy of the same arrays into the same
+kind of pinned memory. The host rows also give CPU seconds per byte against memcpy's,
+which a machine shared with other jobs disturbs less than wall time.
 
     python bench/store.py [--device cuda] [--chunks 64] [--tiers host,disk,remote]
 
@@ -22,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -122,20 +128,26 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 def sync(be) -> None:
     """Wait for the device: copies to and from a GPU may still be running when a call returns."""
-    hook = getattr(be, "synchronize", None)
-    if hook is not None:
-        hook()
-    elif getattr(be, "name", None) == "torch" and "torch" in sys.modules:
+    if be is not None:
+        be.synchronize()  # the backend's side stream of host copies
+    if getattr(be, "name", None) == "torch" and "torch" in sys.modules:
         torch = sys.modules["torch"]
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # and everything else queued on the device
+
+
+# The process CPU seconds (all threads) of the last timed() call. On a machine shared with
+# other jobs the wall time depends on the CPU share one gets; CPU time per byte does less.
+LAST_CPU_S = [0.0]
 
 
 def timed(fn, be=None) -> float:
+    """Wall seconds of ``fn()`` (device work included); its process CPU seconds go to ``LAST_CPU_S``."""
     sync(be)
-    t = time.perf_counter()
+    c, t = time.process_time(), time.perf_counter()
     fn()
     sync(be)
+    LAST_CPU_S[0] = time.process_time() - c
     return time.perf_counter() - t
 
 
@@ -143,11 +155,13 @@ def run_store(w: Workload, spec: str, before_get=None, **kw) -> dict:
     """put (until flushed) and get through a fresh store holding only ``spec``."""
     st = Store(spec, chunk_size=w.args.chunk, namespace="bench-llama3-8b-shape", backend=w.be, **kw)
     dt_put = timed(lambda: (st.put(w.ids, w.cache), st.flush()), w.be)
+    cpu_put = LAST_CPU_S[0]
     assert st.lookup(w.ids) == w.tokens, "not every chunk was stored"
     if before_get is not None:
         before_get()
     c = w.fresh()
     dt_get = timed(lambda: st.get(w.ids, c), w.be)
+    cpu_get = LAST_CPU_S[0]
     assert c.seq_len(0) == w.tokens, f"get loaded {c.seq_len(0)} of {w.tokens} tokens: {st.stats()}"
     for i in (0, w.args.chunks // 2, w.args.chunks - 1):  # the bytes came back as they went
         a0, a1 = (export_chunk(x, i * w.args.chunk, (i + 1) * w.args.chunk) for x in (w.cache, c))
@@ -159,7 +173,8 @@ def run_store(w: Workload, spec: str, before_get=None, **kw) -> dict:
     c = None  # noqa: F841 - frees the loaded cache
     gc.collect()
     return {"put_gbps": gbps(w.total, dt_put), "get_gbps": gbps(w.total, dt_get),
-            "put_s": dt_put, "get_s": dt_get, "errors": stats["errors"], "put_failures": stats["put_failures"]}
+            "put_s": dt_put, "get_s": dt_get, "put_cpu_s": cpu_put, "get_cpu_s": cpu_get,
+            "errors": stats["errors"], "put_failures": stats["put_failures"]}
 
 
 def best_of(results: list[dict]) -> dict:
@@ -168,6 +183,7 @@ def best_of(results: list[dict]) -> dict:
     for key in ("put", "get"):
         r = max(results, key=lambda d: d[f"{key}_gbps"])  # noqa: B023
         out[f"{key}_gbps"], out[f"{key}_s"] = r[f"{key}_gbps"], r[f"{key}_s"]
+        out[f"{key}_cpu_s"] = r[f"{key}_cpu_s"]
     out["errors"] = sum(d["errors"] for d in results)
     out["put_failures"] = sum(d["put_failures"] for d in results)
     out["repeats"] = len(results)
@@ -182,32 +198,38 @@ def bench_host(w: Workload, repeat: int) -> dict:
     sources = w.layers if w.args.bits == "none" else \
         [be.from_numpy(p, None, w.device) for p in w.chunk_payloads()]
     srcs = sources if w.be_name == "numpy" else None
-    hook = getattr(be, "host_buffer", None) if srcs is None else None
-    dst = hook(w.total) if hook is not None else np.empty(w.total, np.uint8)
-    dst.fill(0)
+    # The same host memory the store's pool gets: pinned where the backend uses a GPU.
+    dst = be.host_buffer(w.total)
     views, off = [], 0
     for a in sources:
         n = be.nbytes(a)
         views.append(dst[off:off + n].view(serde_dtype(be.dtype_name(a))).reshape(tuple(a.shape)))
         off += n
-    if srcs is None:  # a device backend: the ceiling is a device-to-host (and back) copy
+    if srcs is None:  # a device backend: the ceiling is a device-to-host (and back) copy of whole arrays
         back = [be.empty(tuple(a.shape), be.dtype_name(a), w.device) for a in sources]
-    raw, raw_back, runs = [], [], []
+    raw, raw_back, runs, raw_cpu = [], [], [], []
     for _ in range(repeat):
         if srcs is not None:
             raw.append(timed(lambda: [np.copyto(d, s) for d, s in zip(views, srcs)]))
+            raw_cpu.append(LAST_CPU_S[0])
         else:
-            raw.append(timed(lambda: [be.write(be.from_numpy(d, None, "cpu"), 0, s, axis=len(s.shape) - 1)
-                                      for d, s in zip(views, sources)], be))
-            raw_back.append(timed(lambda: [be.write(b, 0, be.from_numpy(d, None, "cpu"), axis=len(d.shape) - 1)
-                                           for b, d in zip(back, views)], be))
+            raw.append(timed(lambda: [be.copy_to_host(s, d) for d, s in zip(views, sources)], be))
+            raw_back.append(timed(lambda: [be.copy_from_host(b, 0, d, d.ndim - 1) for b, d in zip(back, views)], be))
         runs.append(run_store(w, f"host:{int(w.total * 1.02) + (64 << 20)}"))
     out = best_of(runs)
-    out["pinned"] = bool(getattr(w.be, "host_buffer", None))
+    out["pinned"] = bool(w.be.pins_host_memory())
+    dst = views = None  # noqa: F841 - frees the raw copies' buffer
     if srcs is not None:
         out["memcpy_gbps"] = gbps(w.total, min(raw))
         out["put_vs_raw"] = out["put_gbps"] / out["memcpy_gbps"]
         out["get_vs_raw"] = out["get_gbps"] / out["memcpy_gbps"]
+        # CPU seconds per byte, least of the repeats: what the copies cost whatever share of
+        # the CPUs the run got (the store's copies may run on several threads: all counted).
+        out["memcpy_cpu_s"] = min(raw_cpu)
+        out["put_cpu_s"] = min(r["put_cpu_s"] for r in runs)
+        out["get_cpu_s"] = min(r["get_cpu_s"] for r in runs)
+        out["put_vs_raw_cpu"] = out["memcpy_cpu_s"] / out["put_cpu_s"]
+        out["get_vs_raw_cpu"] = out["memcpy_cpu_s"] / out["get_cpu_s"]
     else:
         out["d2h_gbps"] = gbps(w.total, min(raw))
         out["h2d_gbps"] = gbps(w.total, min(raw_back))
@@ -274,33 +296,51 @@ def bench_disk(w: Workload, root: str) -> dict:
     return out
 
 
-def bench_remote(w: Workload, url: str | None, opts: str) -> dict:
+def bench_remote(w: Workload, url: str | None, opts: str, repeat: int, unix: bool = False) -> dict:
+    """Raw redis-py SET/GET of each chunk's bytes on one connection and the store, interleaved ``repeat`` times."""
     import redis
 
-    server = None
+    server, sock_dir = None, None
     if url is None:
         from redis_server import RedisServer
 
-        server = RedisServer(extra=["--io-threads", str(min(4, os.cpu_count() or 1))]).start()
-        url = server.url
+        # Valkey's I/O threads spin while they wait: they help with cores to spare, and take
+        # the client's core on a small machine (measured on 2 cores: slower with them).
+        cpus = os.cpu_count() or 1
+        extra = ["--io-threads", str(min(4, cpus // 4))] if cpus >= 8 else []
+        if unix:
+            sock_dir = tempfile.mkdtemp(prefix="lmcache-sock-")
+            extra += ["--unixsocket", os.path.join(sock_dir, "s"), "--unixsocketperm", "700"]
+        server = RedisServer(extra=extra).start()
+        url = f"unix://{os.path.join(sock_dir, 's')}" if unix else server.url
+    raw_set, raw_get, runs = [], [], []
     try:
         r = redis.Redis.from_url(url)
-        r.flushall()
         payloads = [p.tobytes() for p in w.chunk_payloads()]
-        dt_set = timed(lambda: [r.set(f"raw:{i}", p) for i, p in enumerate(payloads)])
+        for _ in range(repeat):
+            r.flushall()
+            raw_set.append(timed(lambda: [r.set(f"raw:{i}", p) for i, p in enumerate(payloads)]))
+            raw_get.append(timed(lambda: [r.get(f"raw:{i}") for i in range(w.args.chunks)]))
+            r.flushall()
+            gc.collect()
+            runs.append(run_store(w, url + opts))
         payloads = None  # noqa: F841 - frees the copies
-        gc.collect()
-        dt_get = timed(lambda: [r.get(f"raw:{i}") for i in range(w.args.chunks)])
-        r.flushall()
-        out = run_store(w, url + opts)
         r.flushall()
         r.close()
     finally:
         if server is not None:
             server.stop()
-    out.update(raw_set_gbps=gbps(w.total, dt_set), raw_get_gbps=gbps(w.total, dt_get), url_options=opts)
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+    out = best_of(runs)
+    out.update(raw_set_gbps=gbps(w.total, min(raw_set)), raw_get_gbps=gbps(w.total, min(raw_get)),
+               url_options=opts, socket="unix" if unix else "tcp loopback" if server is not None else url)
+    out["put_vs_raw"] = out["put_gbps"] / out["raw_set_gbps"]
+    out["get_vs_raw"] = out["get_gbps"] / out["raw_get_gbps"]
     return out
 
+
+LOAD_START = (0.0, 0.0, 0.0)
 
 # Freed memory stays in the process heap, so each get's new cache arrays reuse pages that are
 # already mapped: on a VM a first touch of fresh memory costs more than the copy itself, and
@@ -312,6 +352,8 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 def main() -> None:
     if "--no-malloc-tuning" not in sys.argv and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    global LOAD_START
+    LOAD_START = os.getloadavg()  # others may share the machine: say how busy it was
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (numpy backend) or cuda (torch backend)")
     ap.add_argument("--backend", default=None, help="backend name (default: numpy on cpu, torch otherwise)")
@@ -325,59 +367,17 @@ def main() -> None:
     ap.add_argument("--bits", default="none", help="none (full precision), 2, 4 or 8")
     ap.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
     ap.add_argument("--redis-url", default=None, help="an existing server (default: start one on loopback)")
+    ap.add_argument("--remote-unix", action="store_true",
+                    help="also measure the remote tier over a unix socket to the same kind of server")
     ap.add_argument("--remote-opts", default="", help="query options of the remote url (default: the tier's)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N (raw and store interleaved)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
-    ap.add_argument("--pin", action="store_true",
-                    help="give a torch backend that lacks them the store's optional host hooks (host_buffer: "
-                         "pinned pool; copy_to_host / copy_from_host: asynchronous copies; synchronize)")
     args = ap.parse_args()
 
     be_name = args.backend or ("numpy" if args.device == "cpu" else "torch")
     device = None if args.device == "cpu" else args.device
     tiers = (args.tiers or ("device,host,disk,remote" if device else "host,disk,remote")).split(",")
-    if args.pin and be_name == "torch":
-        be0 = lmcache.backends.get_backend("torch", device)
-        if getattr(be0, "host_buffer", None) is None:
-            import torch
-
-            # What the store asks of an accelerator backend (optional hooks; see lmcache.tiers).
-            def host_buffer(nbytes: int) -> np.ndarray:
-                """Page-locked host memory as a numpy uint8 array (the array keeps the tensor alive)."""
-                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
-
-            def copy_to_host(src, dst: np.ndarray) -> None:
-                """Device tensor -> host array ``dst``; asynchronous into pinned memory."""
-                be0.from_numpy(dst, None, "cpu").copy_(src, non_blocking=True)
-
-            def copy_from_host(buf, start: int, src: np.ndarray, axis: int = 2) -> None:
-                """Host array -> ``buf[start:]`` along ``axis``; asynchronous from pinned memory."""
-                buf.narrow(axis, start, src.shape[axis]).copy_(be0.from_numpy(src, None, "cpu"), non_blocking=True)
-
-            def pack_to_host(arrays: list, dst: np.ndarray) -> None:
-                """The arrays' bytes back to back into host ``dst``: one device-to-host copy.
-
-                (Measured on an H200: this beats torch._foreach_copy_ into one staging buffer,
-                19 against 10 GB/s for 64 chunks of 64 segments.)
-                """
-                flat = torch.cat([a.reshape(-1).view(torch.uint8) for a in arrays])
-                be0.from_numpy(dst, None, "cpu").copy_(flat, non_blocking=True)
-
-            def unpack_from_host(src: np.ndarray, segments: list, dests: list, starts: list, axis: int) -> None:
-                """One host-to-device copy of ``src``, then each segment into ``dests[j]`` at ``starts[j]``."""
-                staging = be0.from_numpy(src, None, "cpu").to(dests[0].device, non_blocking=True)
-                off = 0
-                for (dt, shape), d, st in zip(segments, dests, starts):
-                    n = math.prod(shape) * torch.empty((), dtype=getattr(torch, dt)).element_size()
-                    v = staging[off:off + n].view(getattr(torch, dt)).view(shape)
-                    d.narrow(axis, st, shape[axis]).copy_(v)
-                    off += n
-
-            def synchronize() -> None:
-                torch.cuda.synchronize()
-            be0.host_buffer, be0.copy_to_host, be0.copy_from_host = host_buffer, copy_to_host, copy_from_host
-            be0.pack_to_host, be0.unpack_from_host, be0.synchronize = pack_to_host, unpack_from_host, synchronize
     w = Workload(args, be_name, device)
     if device:
         hook = getattr(w.be, "device_name", None)
@@ -408,7 +408,9 @@ def main() -> None:
                 elif t == "disk":
                     results[t] = bench_disk(w, root)
                 else:
-                    results[t] = bench_remote(w, args.redis_url, args.remote_opts)
+                    results[t] = bench_remote(w, args.redis_url, args.remote_opts, args.repeat)
+                    if args.remote_unix:
+                        results["remote-unix"] = bench_remote(w, None, args.remote_opts, args.repeat, unix=True)
             except Exception as e:  # noqa: BLE001 - one tier failing (no server, no disk) keeps the others
                 results[t] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{t}: failed: {results[t]['error']}", file=sys.stderr)
@@ -434,6 +436,8 @@ def main() -> None:
         else:
             raw = f"redis-py SET {r['raw_set_gbps']:.2f} / GET {r['raw_get_gbps']:.2f}"
         rel = (f"{r['put_vs_raw']:.0%} / {r['get_vs_raw']:.0%}" if "put_vs_raw" in r else "-")
+        if "put_vs_raw_cpu" in r:
+            rel += f" (CPU time {r['put_vs_raw_cpu']:.0%} / {r['get_vs_raw_cpu']:.0%})"
         rows.append((t, f"{r['put_gbps']:.2f}", f"{r['get_gbps']:.2f}", raw, rel))
     head = ("tier", "put GB/s", "get GB/s", "raw ceiling (GB/s)", "put/get vs raw")
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(5)]
@@ -448,8 +452,9 @@ def main() -> None:
                         "bytes": w.total},
            "results": results, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "python": platform.python_version(), "numpy": np.__version__,
-           "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}, "load_avg": os.getloadavg(),
-           "host_hooks_from_bench": bool(args.pin), "command": " ".join(sys.argv)}
+           "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}, "load_avg_start": LOAD_START,
+           "load_avg": os.getloadavg(),
+           "command": " ".join(sys.argv)}
     path = args.out or os.path.join(ROOT, "bench", "results", f"store-{dev_name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -46,7 +47,6 @@ from .tiers import (
     HostTier,
     RemoteTier,
     TierError,
-    copy_into,
     make_tier,
     parse_size,
     shares_host_memory,
@@ -140,6 +140,18 @@ def _slice(x, a: int, b: int, spec):
 
 def _side(be, blocks, res, n_quant, spec, a, b) -> list:
     """The arrays of tokens ``a:b`` of one side (K or V) of a head group."""
+    if b <= n_quant:  # the common case, kept short (it runs per layer, side and chunk): one block holds a:b
+        off = 0
+        for blk in blocks:
+            quant = isinstance(blk, QuantBlock)
+            t = blk.codes.shape[2] if quant else blk.shape[2]
+            if off <= a and b <= off + t:
+                if not quant:
+                    return [blk[:, :, a - off:b - off]]
+                g = spec.group_size if spec.axis == -2 else 1
+                return [blk.codes[:, :, a - off:b - off], blk.scale[:, :, (a - off) // g:(b - off) // g],
+                        blk.lo[:, :, (a - off) // g:(b - off) // g]]
+            off += t
     pieces, off = [], 0
     for blk in blocks:
         t = _tokens(blk)
@@ -175,6 +187,13 @@ def export_chunk(cache, a: int, b: int) -> list:
 IN_PLACE = object()  # a chunk a reader wrote straight into the assembler's destination
 
 
+class DevicePacked:
+    """A device-tier entry (what ``pack_on_device`` made) handed to ``Assembler.add`` as ``packed``."""
+
+    def __init__(self, entry):
+        self.entry = entry
+
+
 class Assembler:
     """Copies chunks, as they arrive, into one array per segment holding up to ``n_max`` chunks.
 
@@ -184,8 +203,12 @@ class Assembler:
     a new array (immutable arrays) collect the chunks and concatenate them at the end instead.
     """
 
-    def __init__(self, be, device: str | None, n_max: int):
+    def __init__(self, be, device: str | None, n_max: int, copier=None):
         self.be, self.device, self.n_max = be, device, n_max
+        # Host-to-host copies (a numpy destination) run on ``copier`` threads when given:
+        # they release the GIL, so chunks copy in parallel. ``wait()`` waits for them.
+        self.copier = copier if be.name == "numpy" else None
+        self._copies: list = []
         self.dest: list | None = None
         self.pieces: list | None = None  # the fallback for immutable arrays
         self.segments: tuple | None = None
@@ -218,8 +241,9 @@ class Assembler:
     def add(self, header: serde.Header, arrays, packed=None) -> None:
         """Append one chunk: its ``arrays`` (numpy or backend), or ``IN_PLACE``.
 
-        ``packed``: the chunk's payload as one host buffer, when there is one; a backend
-        with ``unpack_from_host`` then moves it in one host-to-device copy.
+        ``packed``: the chunk's payload as one host buffer, when there is one; it then moves
+        with one ``be.unpack_from_host`` (one host-to-device copy on a GPU). Host copies may
+        run asynchronously until ``be.synchronize()``.
         """
         be = self.be
         if self.n == self.n_max:
@@ -227,53 +251,44 @@ class Assembler:
         if arrays is IN_PLACE:  # a reader wrote it into the destination already
             self.n += 1
             return
-        hook = getattr(be, "unpack_from_host", None)
-        if hook is not None and packed is not None and self.pieces is None:
-            segs = header.segments
-            if self.dest is None:
-                self.segments = tuple(segs)
-                self.dest = [be.empty((*s.shape[:2], s.shape[2] * self.n_max, *s.shape[3:]), s.dtype, self.device)
-                             for s in segs]
-            hook(np.frombuffer(memoryview(packed).cast("B"), np.uint8), [(s.dtype, s.shape) for s in segs],
-                 self.dest, [self.n * s.shape[2] for s in segs], 2)  # asynchronous until sync()
+        segs = header.segments
+        if self.pieces is None and not shares_host_memory(be):
+            # Immutable arrays (jax, mlx): each write would copy the whole destination, so the
+            # chunks are collected and concatenated at the end.
+            self.pieces = [[] for _ in segs]
+        if self.pieces is not None:
+            for col, a, s in zip(self.pieces, arrays, segs):
+                col.append(be.to_device(a, s.dtype, self.device) if isinstance(a, np.ndarray) else a)
             self.n += 1
             return
-        if be.name != "numpy":
-            # Host arrays: a view the backend can copy from straight into the buffers where it
-            # can (shares_host_memory), else a copy on the device first.
-            direct = self.pieces is None and (getattr(be, "copy_from_host", None) is not None
-                                              or shares_host_memory(be))
-            segs, keep = header.segments, getattr(be, "copy_from_host", None) is not None
-            arrays = [a if not isinstance(a, np.ndarray) or (direct and keep) else
-                      be.from_numpy(a, None, "cpu") if direct else be.to_device(a, segs[j].dtype, self.device)
-                      for j, a in enumerate(arrays)]
-        if self.pieces is not None:
-            for col, a in zip(self.pieces, arrays):
-                col.append(a)
+        if self.dest is None:
+            self.segments = tuple(segs)
+            self.dest = be.empty_many([((*s.shape[:2], s.shape[2] * self.n_max, *s.shape[3:]), s.dtype) for s in segs],
+                                      self.device)
+        starts = [self.n * s.shape[2] for s in segs]
+        if isinstance(packed, DevicePacked):  # a device-tier hit on this backend: one device copy per kind
+            be.unpack_packed(packed.entry, [(s.dtype, s.shape) for s in segs], self.dest, starts, 2)
+        elif packed is not None:
+            args = (np.frombuffer(memoryview(packed).cast("B"), np.uint8), [(s.dtype, s.shape) for s in segs],
+                    self.dest, starts, 2)
+            if self.copier is not None:
+                self._copies.append(self.copier.submit(be.unpack_from_host, *args))
+            else:
+                be.unpack_from_host(*args)
         else:
-            if self.dest is None:
-                self.segments = tuple(header.segments)
-                self.dest = [be.empty((*seg.shape[:2], seg.shape[2] * self.n_max, *seg.shape[3:]), seg.dtype,
-                                      self.device) for seg in header.segments]
-            hook = getattr(be, "copy_from_host", None)
             for j, a in enumerate(arrays):
-                t = header.segments[j].shape[2]
-                if hook is not None and isinstance(a, np.ndarray):  # asynchronous until sync()
-                    hook(self.dest[j], self.n * t, a, 2)
-                    continue
-                out = be.write(self.dest[j], self.n * t, a, axis=2)
-                if out is not self.dest[j]:  # an immutable framework: collect instead of writing in place
-                    self.pieces = [[] for _ in arrays]
-                    break
-            if self.pieces is not None:
-                for col, a in zip(self.pieces, arrays):
-                    col.append(a)
-                # the chunks written before the switch are read back from the buffers
-                done = [[d[:, :, i * a.shape[2]:(i + 1) * a.shape[2]] for i in range(self.n)]
-                        for d, a in zip(self.dest, arrays)]
-                self.pieces = [dn + col for dn, col in zip(done, self.pieces)]
-                self.dest = None
+                if isinstance(a, np.ndarray):
+                    be.copy_from_host(self.dest[j], starts[j], a, 2)
+                else:
+                    be.write(self.dest[j], starts[j], a, axis=2)
         self.n += 1
+
+    def wait(self) -> None:
+        """Wait for the copies started on ``copier`` threads and the backend's asynchronous ones."""
+        copies, self._copies = self._copies, []
+        for f in copies:
+            f.result()
+        sync(self.be)
 
     def columns(self) -> list:
         """One array per segment covering the ``n`` chunks added (a view when fewer than ``n_max``)."""
@@ -334,11 +349,14 @@ class Store:
     ``backend``: a backend name or object to allocate the host pool with now (pinned when the
     backend can); by default the pool is allocated on the first put, with that cache's backend.
     ``writers``: background writer threads (two overlap one chunk's fsync with the next write).
+    ``copy_threads``: threads for the copies between host arrays and the host pool (numpy
+    caches; default ``min(4, cpus)``; 1 copies on the caller's thread).
     """
 
     def __init__(self, *tiers: Any, chunk_size: int = 256, namespace: str | bytes | None = None,
                  tenant: str | bytes | None = None, key: bytes | None = None, prefetch: int = 4,
-                 max_pending: Any = "1GiB", policy: Any = None, backend: Any = None, writers: int = 2):
+                 max_pending: Any = "1GiB", policy: Any = None, backend: Any = None, writers: int = 2,
+                 copy_threads: int | None = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if not isinstance(namespace, (str, bytes)) or not namespace:
@@ -350,6 +368,10 @@ class Store:
             raise ValueError(f"prefetch must be a positive integer, got {prefetch!r}")
         if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
             raise ValueError(f"writers must be a positive integer, got {writers!r}")
+        if copy_threads is None:
+            copy_threads = min(4, os.cpu_count() or 1)
+        if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or copy_threads < 1:
+            raise ValueError(f"copy_threads must be a positive integer or None, got {copy_threads!r}")
         if not tiers:
             raise ValueError("Store needs at least one tier, e.g. Store('host:16GB', namespace=...)")
         self._key = serde.check_key(key)
@@ -370,6 +392,8 @@ class Store:
         self.namespace = namespace_id(namespace, tenant)
         self.prefetch = prefetch
         self.writers = writers
+        self.copy_threads = copy_threads
+        self._copy_pool: ThreadPoolExecutor | None = None
         self.policy = policy if policy is not None else RecencyFrequency()
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
@@ -381,6 +405,8 @@ class Store:
         self._readers: ThreadPoolExecutor | None = None
         self._closed = False
         self._protected: set = set()
+        # Recycled write buffers: enough for the writers' chunks in flight and a few queued.
+        self._buffers = _Buffers(min(self.max_pending, 256 << 20))
         self._stats = {t.name: dict.fromkeys(_COUNTERS, 0) for t in self.tiers}
         self._totals = {"chunks_put": 0, "chunks_present": 0, "put_failures": 0, "layout_misses": 0}
         if backend is not None:
@@ -390,6 +416,20 @@ class Store:
                     t._ensure(be)
 
     # ------------------------------------------------------------------ small helpers
+    def _copier(self):
+        """The threads that run host-to-host chunk copies (made on first use), or ``None``."""
+        if self.copy_threads < 2:
+            return None
+        if self._copy_pool is None:
+            self._copy_pool = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="lmcache-copy")
+        return self._copy_pool
+
+    def _settle(self) -> None:
+        """Wait for the asynchronous copies into the host pool (lock held)."""
+        for t in self.tiers:
+            if isinstance(t, HostTier):
+                t.settle()
+
     def _count(self, ti: int, what: str, n: int = 1) -> None:
         self._stats[self.tiers[ti].name][what] += n
 
@@ -474,6 +514,15 @@ class Store:
         be = cache.backend
         layout = cache_layout(cache)
         present = self._present(keys)
+        try:
+            self._put_chunks(cache, be, keys, present, layout)
+        finally:
+            with self._lock:
+                self._settle()  # once per put: the cache may change its arrays after we return
+        return len(keys) * self.chunk_size
+
+    def _put_chunks(self, cache, be, keys: list, present: list, layout: dict) -> None:
+        """Export and place the chunks of ``keys`` not ``present`` yet (``put``'s loop)."""
         segs = None  # every chunk of one cache has the same segments
         for i, (key, there) in enumerate(zip(keys, present)):
             if there:
@@ -491,7 +540,6 @@ class Store:
             with self._lock:
                 self._totals["chunks_put"] += 1
                 self._place(key, header, arrays, be, 0, 1)
-        return len(keys) * self.chunk_size
 
     def get(self, token_ids: Any, cache, max_tokens: int | None = None) -> int:
         """Load the longest stored prefix of ``token_ids`` into the empty ``cache``.
@@ -546,10 +594,11 @@ class Store:
             with self._lock:  # count the misses
                 self._fetch(keys[:1], cache, None)
             return 0, None, None
-        asm = Assembler(be, device, n_max)
+        asm = Assembler(be, device, n_max, self._copier())
         with self._lock:
             layout, promote = self._fetch(keys[:n_max], cache, asm)
             self._promote(promote, promote_be)
+            self._settle()
         if not asm.n:
             return 0, None, None
         return asm.n * self.chunk_size, layout, asm.columns()
@@ -592,9 +641,12 @@ class Store:
             w.join(max(0.0, timeout - (time.monotonic() - start) - 0.05))
         if self._readers is not None:
             self._readers.shutdown(wait=False, cancel_futures=True)
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._pending.clear()
             self._pending_bytes = 0
+            self._buffers.clear()
 
     def __enter__(self) -> Store:
         return self
@@ -637,7 +689,7 @@ class Store:
             if not t.fits(nbytes):
                 continue
             if isinstance(t, (DiskTier, RemoteTier)):
-                self._queue_write(key, header, _packed(header, data, be), ti, uses)
+                self._queue_write(key, header, _packed(header, data, be, self._buffers), ti, uses)
                 return True
             try:
                 self._put_local(ti, key, header, data, be)
@@ -660,7 +712,10 @@ class Store:
         """
         t = self.tiers[ti]
         self._make_room(ti, header.payload_nbytes, key)
-        t.put(key, header, _device_arrays(header, data, be) if isinstance(t, DeviceTier) else data, be)
+        if isinstance(t, DeviceTier):
+            t.put(key, header, _device_arrays(header, data, be), be)
+        else:
+            t.put(key, header, data, be, self._copier())
 
     def _make_room(self, ti: int, nbytes: int, keep: bytes) -> None:
         t = self.tiers[ti]
@@ -744,6 +799,7 @@ class Store:
                     entry = self._pending.pop(key, None)
                     if entry is not None:
                         self._pending_bytes -= entry[0].payload_nbytes
+                        self._buffers.give(entry[1])  # written: nothing reads it any more
                     self._cv.notify_all()
 
     def _write(self, key: bytes) -> None:
@@ -903,6 +959,8 @@ class Store:
                         header, arrays = self.tiers[where].get(key)
                         if isinstance(self.tiers[where], HostTier):
                             packed = self.tiers[where].payload(key)
+                        elif asm is not None and self.tiers[where].packed(key)[0] is asm.be:
+                            packed = DevicePacked(self.tiers[where].packed(key)[1])
                         src = where
                         self._count(where, "hits")
                         self._count(where, "get_bytes", header.payload_nbytes)
@@ -945,13 +1003,13 @@ class Store:
                         # A write one shared tier up (remote to disk) needs a private packed copy
                         # (it is also what a reader of the pending write splits); a local tier
                         # copies from the arrays.
-                        payload = _packed(header, arrays, asm.be) if src - 1 >= first_shared else None
+                        payload = _packed(header, arrays, asm.be, self._buffers) if src - 1 >= first_shared else None
                     promote.append((key, header, arrays, payload if shared else None, src))
         finally:
             for f in futures.values():
                 f.cancel()
             if asm is not None:
-                sync(asm.be)  # copies out of pool spans end before the lock is released
+                asm.wait()  # copies out of pool spans end before the lock is released
         return layout, promote
 
     def _promote(self, promote, be) -> None:
@@ -1000,15 +1058,57 @@ def _device_arrays(header, data, be) -> list:
     return [be.to_device(a, header.segments[k].dtype) if be.name != "numpy" else a for k, a in enumerate(arrays)]
 
 
-def _packed(header, data, be):
+class _Buffers:
+    """Host buffers of background writes, recycled once written (chunks of one cache have one size).
+
+    A fresh buffer of a chunk's size (tens of MiB) is a fresh mapping whose pages the kernel
+    faults in and zeroes on the first copy, which costs about as much as the copy itself;
+    a recycled one is already mapped. Keeps at most ``keep`` bytes.
+    """
+
+    def __init__(self, keep: int):
+        self.keep, self.kept = keep, 0
+        self._free: dict[int, list] = {}
+        self._ours: set[int] = set()  # ids of the buffers handed out (alive while pending)
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A ``uint8`` buffer of ``nbytes`` (contents undefined)."""
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                self.kept -= nbytes
+                buf = free.pop()
+            else:
+                buf = np.empty(nbytes, np.uint8)
+            self._ours.add(id(buf))
+        return buf
+
+    def give(self, buf) -> None:
+        """Take back ``buf`` if ``take`` made it and room is left (else it is freed)."""
+        with self._lock:
+            if id(buf) not in self._ours:
+                return
+            self._ours.discard(id(buf))
+            if self.kept + buf.nbytes <= self.keep:
+                self._free.setdefault(buf.nbytes, []).append(buf)
+                self.kept += buf.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self.kept = 0
+
+
+def _packed(header, data, be, buffers: _Buffers | None = None):
     """One contiguous payload for a disk or remote write (a private copy: the caller may change ``data``)."""
     if not isinstance(data, list):  # already a private packed payload
         return data
-    buf = np.empty(header.payload_nbytes, np.uint8)
-    if getattr(be, "pack_to_host", None) is not None and not isinstance(data[0], np.ndarray):
-        be.pack_to_host(data, buf)
-    else:
+    buf = buffers.take(header.payload_nbytes) if buffers is not None else np.empty(header.payload_nbytes, np.uint8)
+    if isinstance(data[0], np.ndarray):
         for dst, src in zip(serde.split_payload(header, buf), data):
-            copy_into(dst, src, be)
-    sync(be)  # the writer thread reads it next
+            np.copyto(dst, src, casting="same_kind")
+    else:
+        be.pack_to_host(data, buf)  # one copy per chunk
+        sync(be)  # the writer thread reads it next
     return buf

@@ -69,27 +69,27 @@ def shares_host_memory(be) -> bool:
 
 
 def sync(be) -> None:
-    """Wait for the copies a backend may still run (its optional ``synchronize()``)."""
-    hook = getattr(be, "synchronize", None)
-    if hook is not None:
-        hook()
+    """Wait for the copies a backend's host hooks may still run (``Backend.synchronize``)."""
+    if be is not None:
+        be.synchronize()
 
 
 def copy_into(dst: np.ndarray, src, be=None) -> None:
     """Copy ``src`` (a numpy or backend array) into the host array ``dst`` of the same shape.
 
-    A backend array goes through the backend's optional ``copy_to_host(src, dst)`` (which may
-    return before the copy ends: ``sync(be)`` waits), else straight into ``dst`` where the
-    backend can view host memory (``shares_host_memory``), else through ``be.to_host``.
+    A backend array goes through ``be.copy_to_host``, which may return before the copy ends:
+    ``sync(be)`` waits.
     """
     if isinstance(src, np.ndarray):
         np.copyto(dst, src, casting="same_kind")
-    elif getattr(be, "copy_to_host", None) is not None:  # may run asynchronously: see sync()
-        be.copy_to_host(src, dst)
-    elif dst.ndim >= 3 and shares_host_memory(be):
-        be.write(be.from_numpy(dst, None, "cpu"), 0, src, axis=2)
     else:
-        np.copyto(dst, be.to_host(src), casting="same_kind")
+        be.copy_to_host(src, dst)
+
+
+def copy_all(dsts: list, srcs: list) -> None:
+    """``np.copyto`` each of the host arrays ``srcs`` into the same-shaped ``dsts``."""
+    for d, a in zip(dsts, srcs):
+        np.copyto(d, a, casting="same_kind")
 
 
 class Tier:
@@ -130,7 +130,7 @@ class DeviceTier(Tier):
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
-        self._entries: dict[bytes, tuple[serde.Header, list, int]] = {}
+        self._entries: dict[bytes, tuple[serde.Header, Any, int, Any]] = {}
 
     def has(self, key: bytes) -> bool:
         """Whether the tier holds ``key`` (32 bytes)."""
@@ -141,17 +141,28 @@ class DeviceTier(Tier):
         return list(self._entries)
 
     def put(self, key: bytes, header: serde.Header, arrays: list, be) -> int:
-        """Keep copies of backend ``arrays`` (what ``header.segments`` describes)."""
+        """Keep a private copy of backend ``arrays`` (what ``header.segments`` describes).
+
+        ``be.pack_on_device`` makes it: one buffer made in one copy per kind of segment where
+        the backend can (torch), else a copy of each array.
+        """
         nbytes = header.payload_nbytes
-        copies = [be.concat([a], axis=0) for a in arrays]  # concat of one array is a copy on every backend
-        self._entries[key] = (header, copies, nbytes)
+        self._entries[key] = (header, be.pack_on_device(arrays), nbytes, be)
         self.used += nbytes
         return nbytes
 
     def get(self, key: bytes):
-        """``(header, arrays)`` or ``None``."""
+        """``(header, arrays)`` (views of the entry) or ``None``."""
         e = self._entries.get(key)
-        return None if e is None else (e[0], e[1])
+        if e is None:
+            return None
+        header, packed, _, be = e
+        return header, be.unpack_on_device(packed, [(s.dtype, s.shape) for s in header.segments])
+
+    def packed(self, key: bytes):
+        """``(backend, entry)``: what ``pack_on_device`` made for ``key`` (for ``be.unpack_packed``)."""
+        e = self._entries[key]
+        return e[3], e[1]
 
     def remove(self, key: bytes) -> int:
         """Drop ``key``'s entry; returns the bytes it took (0 when absent)."""
@@ -213,9 +224,11 @@ class _Pool:
 class HostTier(Tier):
     """Chunks in one host memory pool, allocated once (on first use) and freed on ``close``.
 
-    The pool is pinned (page-locked) when the backend offers ``host_buffer(nbytes)`` (a
-    numpy ``uint8`` array in pinned memory, for fast device copies); otherwise it is a
-    plain numpy buffer, touched once at allocation so later copies run at memcpy speed.
+    The pool comes from the backend's ``host_buffer`` (pinned where the backend uses a GPU,
+    for fast asynchronous device copies), every page touched once at allocation so later
+    copies run at memcpy speed. A put of backend arrays is one ``pack_to_host`` per chunk and
+    may still be copying when it returns: every read of the pool waits for it (``settle``),
+    and the store calls ``settle`` once at the end of each put.
     """
 
     kind = "host"
@@ -227,24 +240,35 @@ class HostTier(Tier):
         self.pinned = False
         self._pool = _Pool(capacity)
         self._entries: dict[bytes, tuple[serde.Header, int, int]] = {}
+        self._unsettled = None  # a backend whose copies into the pool may still run
+        self._copies: list = []  # futures of host copies into the pool still running
 
     def _ensure(self, be=None) -> np.ndarray:
-        """The pool (``uint8``, ``capacity`` bytes), allocated now if needed; raises ``TierError``/``MemoryError``."""
+        """The pool (``uint8``, ``capacity`` bytes), allocated now if needed; raises ``TierError``."""
         if self._buf is None:
-            hook = getattr(be, "host_buffer", None) if be is not None else None
-            if hook is not None:
-                try:
-                    buf = hook(self.capacity)
-                except Exception as e:  # noqa: BLE001 - e.g. a framework's out-of-memory RuntimeError
-                    # A TierError is what the store handles (counts it, tries the next tier);
-                    # anything else would raise out of Store.put into the caller.
-                    raise TierError(f"pinned host pool of {self.capacity} bytes could not be allocated: "
-                                    f"{type(e).__name__}: {e}") from e
-                self._buf, self.pinned = np.asarray(buf).view(np.uint8).reshape(-1), True
-            else:
-                self._buf = np.empty(self.capacity, np.uint8)
-                self._buf.fill(0)  # fault every page in now, not during the first puts
+            if be is None:
+                from .backends import get_backend
+
+                be = get_backend("numpy")
+            try:
+                buf = be.host_buffer(self.capacity)  # pages faulted in (and pinned) once, here
+            except Exception as e:  # noqa: BLE001 - MemoryError, a framework's out-of-memory RuntimeError
+                # A TierError is what the store handles (counts it, tries the next tier);
+                # anything else would raise out of Store.put into the caller.
+                raise TierError(f"host pool of {self.capacity} bytes could not be allocated: "
+                                f"{type(e).__name__}: {e}") from e
+            self._buf = np.asarray(buf).view(np.uint8).reshape(-1)
+            self.pinned = bool(be.pins_host_memory())
         return self._buf
+
+    def settle(self) -> None:
+        """Wait until the copies into the pool that puts started have finished."""
+        copies, self._copies = self._copies, []
+        for f in copies:
+            f.result()
+        if self._unsettled is not None:
+            be, self._unsettled = self._unsettled, None
+            sync(be)
 
     def has(self, key: bytes) -> bool:
         """Whether the tier holds ``key`` (32 bytes)."""
@@ -258,10 +282,12 @@ class HostTier(Tier):
         """Whether one free span of the pool takes ``nbytes`` now (free bytes may be fragmented)."""
         return self._pool.largest() >= _Pool.span(nbytes)
 
-    def put(self, key: bytes, header: serde.Header, arrays: list, be=None) -> int:
+    def put(self, key: bytes, header: serde.Header, arrays: list, be=None, copier=None) -> int:
         """Copy ``arrays`` (numpy or ``be`` arrays, or one bytes-like payload) into the pool.
 
-        Raises ``TierError`` when no free span is large enough.
+        ``copier``: an executor to run the copies of numpy arrays on (they release the GIL,
+        so the next chunk's copy overlaps this one's); ``settle`` waits for them. Raises
+        ``TierError`` when no free span is large enough.
         """
         buf = self._ensure(be)
         nbytes = header.payload_nbytes
@@ -271,14 +297,17 @@ class HostTier(Tier):
         try:
             if not isinstance(arrays, list):  # a packed payload (from disk or remote)
                 buf[off:off + nbytes] = np.frombuffer(memoryview(arrays).cast("B"), np.uint8)
-            elif getattr(be, "pack_to_host", None) is not None and not isinstance(arrays[0], np.ndarray):
-                be.pack_to_host(arrays, buf[off:off + nbytes])  # one device-to-host copy per chunk
-                sync(be)
+            elif isinstance(arrays[0], np.ndarray):
+                views = serde.split_payload(header, buf[off:off + nbytes])
+                if copier is not None:
+                    self._copies.append(copier.submit(copy_all, views, arrays))
+                else:
+                    copy_all(views, arrays)
             else:
-                for dst, src in zip(serde.split_payload(header, buf[off:off + nbytes]), arrays):
-                    copy_into(dst, src, be)
-                sync(be)
+                self._unsettled = be
+                be.pack_to_host(arrays, buf[off:off + nbytes])  # one copy per chunk, maybe asynchronous
         except BaseException:
+            self.settle()  # no copy may still land in a span given back
             self._pool.release(off, nbytes)
             raise
         self._entries[key] = (header, off, nbytes)
@@ -290,11 +319,13 @@ class HostTier(Tier):
         e = self._entries.get(key)
         if e is None:
             return None
+        self.settle()
         header, off, n = e
         return header, serde.split_payload(header, self._buf[off:off + n])
 
     def payload(self, key: bytes) -> memoryview:
         """The entry's packed payload (a view of the pool)."""
+        self.settle()
         _, off, n = self._entries[key]
         return memoryview(self._buf[off:off + n])
 
@@ -303,11 +334,13 @@ class HostTier(Tier):
         e = self._entries.pop(key, None)
         if e is None:
             return 0
+        self.settle()  # the span may be handed out again: no earlier copy may still land in it
         self._pool.release(e[1], e[2])
         self.used -= e[2]
         return e[2]
 
     def close(self) -> None:
+        self.settle()  # no copy may land in memory being freed
         self._entries.clear()
         self._pool = _Pool(self.capacity)
         self.used = 0
@@ -572,7 +605,8 @@ class RemoteTier(_SharedTier):
             raise ValueError(f"timeout must be a number of seconds > 0 in remote url {url!r}, got {self.timeout!r}")
         if self.connections < 1:
             raise ValueError(f"connections must be an integer >= 1 in remote url {url!r}, got {conns!r}")
-        self.url = u._replace(query="").geturl()
+        # geturl() writes unix:///path as unix:/path, which redis-py refuses.
+        self.url = f"unix://{u.path}" if u.scheme.lower() == "unix" else u._replace(query="").geturl()
         self._redis = redis
         scheme = u.scheme.lower()
         from redis._parsers.encoders import Encoder
@@ -597,7 +631,7 @@ class RemoteTier(_SharedTier):
             pool = redis.BlockingConnectionPool.from_url(plain, max_connections=2 * self.connections + 8,
                                                           timeout=max(5.0, 5 * self.timeout), **opts)
             self._client = redis.Redis(connection_pool=pool)
-            self._direct = scheme in ("redis", "valkey")  # plain TCP (recvmsg_into has no TLS form)
+            self._direct = scheme in ("redis", "valkey", "unix")  # plain sockets (recvmsg_into has no TLS form)
         else:
             raise ValueError(f"remote url must start with redis://, rediss://, valkey:// or redis+cluster://, "
                              f"got {url!r}")
@@ -659,7 +693,7 @@ class RemoteTier(_SharedTier):
             return [False] * len(keys)
 
     def _parts(self, pieces: list) -> list:
-        """Cut the frame into ``part``-sized values (joining only where a part spans pieces)."""
+        """Cut the frame into ``part``-sized values, each a list of byte views of ``pieces`` (no copy)."""
         views = [memoryview(p).cast("B") for p in pieces]
         total = sum(v.nbytes for v in views)
         parts, cur, cur_n = [], [], 0
@@ -671,12 +705,37 @@ class RemoteTier(_SharedTier):
                 cur_n += take
                 off += take
                 if cur_n == self.part:
-                    parts.append(cur[0] if len(cur) == 1 else b"".join(cur))
+                    parts.append(cur)
                     cur, cur_n = [], 0
         if cur:
-            parts.append(cur[0] if len(cur) == 1 else b"".join(cur))
-        assert sum(memoryview(p).nbytes for p in parts) == total
+            parts.append(cur)
+        assert sum(x.nbytes for p in parts for x in p) == total
         return parts
+
+    def _set_from(self, name: bytes, views: list) -> None:
+        """``SET name`` to the bytes of ``views`` sent as they are (a gather write: no joined copy).
+
+        The reply is read by redis-py (a server refusal raises its ``ResponseError``). The
+        connection is dropped on any error.
+        """
+        n = sum(v.nbytes for v in views)
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        done = False
+        try:
+            conn.send_packed_command([b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(name), name, n),
+                                      *views, b"\r\n"], check_health=False)
+            reply = conn.read_response()
+            done = True
+        except self._redis.ResponseError:
+            done = True  # the server refused the value (out of memory, ...): the connection is fine
+            raise
+        finally:
+            if not done:
+                conn.disconnect()
+            pool.release(conn)
+        if reply not in (b"OK", "OK", True):
+            raise self._redis.ResponseError(f"unexpected reply to SET: {reply!r}")
 
     def _parallel(self, fn, items) -> list:
         if len(items) == 1:
@@ -700,7 +759,9 @@ class RemoteTier(_SharedTier):
 
         def setter(ij):
             i, p = ij
-            return c.set(self._k(key, i), p)
+            if self._direct:
+                return self._set_from(self._k(key, i), p)
+            return c.set(self._k(key, i), p[0] if len(p) == 1 else b"".join(p))
 
         def run():
             rest = list(enumerate(parts))[1:]
@@ -758,24 +819,17 @@ class RemoteTier(_SharedTier):
         c = self._client
         dst = [np.frombuffer(r, np.uint8) for r in runs]
         starts = np.cumsum([0] + [d.nbytes for d in dst]).tolist()
+        # Socket scatter pays off for large runs (a full-precision cache: 64 KiB per head);
+        # many small ones (scales of a quantized cache) go faster through one buffer.
+        direct = self._direct and starts[-1] >= 32768 * len(dst)
 
         def run():
-            first = c.get(self._k(key, 0))
-            if first is None:
-                return None
-            opened = serde.open_head(first, namespace, key, segments)
-            if opened is None:
-                return False
-            header, head_end, kind, plen = opened
-            pay_end = head_end + plen
-            total = pay_end + serde.TRAILER_SIZE
-            part = len(first)
-            if part > total:
-                raise serde.FrameError(f"remote entry of {part} bytes is longer than its {total}-byte frame")
+            f = {}  # the frame's geometry, known once part 0's header is parsed
             trailer = np.zeros(serde.TRAILER_SIZE, np.uint8)
 
             def views_for(off: int, n: int) -> list:
                 """Byte views where frame bytes ``off:off + n`` past the header go (payload runs, then the trailer)."""
+                head_end, pay_end = f["head_end"], f["pay_end"]
                 out, lo, hi = [], max(off, head_end), min(off + n, pay_end)
                 pos = lo - head_end
                 while lo < hi:
@@ -791,21 +845,53 @@ class RemoteTier(_SharedTier):
             def place(off: int, data) -> None:
                 """Copy frame bytes ``data`` found at frame offset ``off`` to where they belong."""
                 src = memoryview(data).cast("B")
-                pos = max(off, head_end) - off
+                pos = max(off, f["head_end"]) - off
                 for v in views_for(off, src.nbytes):
                     v[:] = src[pos:pos + v.nbytes]
                     pos += v.nbytes
 
-            place(0, first)
+            def opened(head, part: int) -> bool:
+                """Parse part 0's start ``head`` (``part`` bytes long); ``False`` when it cannot go this way."""
+                o = serde.open_head(head, namespace, key, segments)
+                if o is None:
+                    return False
+                f["header"], f["head_end"], f["kind"], plen = o
+                f["pay_end"] = f["head_end"] + plen
+                f["total"], f["part"] = f["pay_end"] + serde.TRAILER_SIZE, part
+                f["head"] = bytes(memoryview(head)[:f["head_end"]])
+                if part > f["total"]:
+                    raise serde.FrameError(f"remote entry of {part} bytes is longer than its {f['total']}-byte frame")
+                return True
 
-            # Socket scatter pays off for large runs (a full-precision cache: 64 KiB per head);
-            # many small ones (scales of a quantized cache) go faster through one buffer.
-            direct = self._direct and starts[-1] >= 32768 * len(dst)
+            if direct:
+                # Part 0 too goes from the socket into the runs: only its first bytes (the
+                # header, a few KiB) pass through a scratch buffer.
+                def views0(n, head):
+                    if len(head) < min(n, serde.PREFIX_SIZE) or not opened(head, n):
+                        return None  # a header past the peek, or a frame to read another way
+                    place(0, head)
+                    return views_for(len(head), n - len(head))
+                got0 = self._get_into(self._k(key, 0), views0, peek=self.PEEK)
+                if got0 is None and "header" not in f:  # no entry, or one to read another way
+                    first = c.get(self._k(key, 0))
+                    if first is None:
+                        return None
+                    if not opened(first, len(first)):
+                        return False
+                    place(0, first)
+            else:
+                first = c.get(self._k(key, 0))
+                if first is None:
+                    return None
+                if not opened(first, len(first)):
+                    return False
+                place(0, first)
+            total, part = f["total"], f["part"]
 
             def getter(i):
                 if direct:
                     got = self._get_into(self._k(key, i),
-                                         lambda n: views_for(i * part, n) if i * part + n <= total else None)
+                                         lambda n, _h: views_for(i * part, n) if i * part + n <= total else None)
                     return got or 0
                 v = c.get(self._k(key, i))
                 if v is None or i * part + len(v) > total:
@@ -815,17 +901,22 @@ class RemoteTier(_SharedTier):
             got = min(part, total) + sum(self._parallel(getter, list(range(1, -(-total // part)))))
             if got != total:
                 raise serde.FrameError("remote entry is missing parts (evicted by the server?)")
-            serde.check_runs(memoryview(first)[:head_end], kind, runs, trailer)
-            return header
+            serde.check_runs(f["head"], f["kind"], runs, trailer)
+            return f["header"]
         return self._call(run)
 
-    def _get_into(self, name: bytes, views_for) -> int | None:
-        """``GET name`` with the value received straight into ``views_for(length)`` (socket scatter).
+    #: Bytes of part 0 received into a scratch buffer to parse the header (it is a few KiB).
+    PEEK = 1 << 16
+
+    def _get_into(self, name: bytes, views_for, peek: int = 0) -> int | None:
+        """``GET name`` with the value received straight into ``views_for(length, head)`` (socket scatter).
 
         redis-py sends the command and owns the connection; only this reply's bytes are read
         here, from the socket into their destination, instead of through the parser's buffers
-        and a ``bytes`` object (two copies fewer). Returns the length, ``None`` for a missing
-        key or a length ``views_for`` refuses. The connection is dropped on any error.
+        and a ``bytes`` object (two copies fewer). With ``peek``, the value's first ``peek``
+        bytes are received into a scratch buffer first and passed as ``head``; the views then
+        cover the rest. Returns the length, ``None`` for a missing key or a length
+        ``views_for`` refuses. The connection is dropped on any error.
         """
         pool = self._client.connection_pool
         conn = pool.get_connection()
@@ -840,15 +931,25 @@ class RemoteTier(_SharedTier):
                     raise ConnectionError("connection closed by the server")
                 buf += more
             line, _, rest = buf.partition(b"\r\n")
-            if line == b"$-1":
+            if line in (b"$-1", b"_"):  # no such key (RESP2, RESP3)
                 done = True
                 return None
             if not line.startswith(b"$"):
                 raise self._redis.ResponseError(line.decode(errors="replace"))
             n = int(line[1:])
-            views = views_for(n)
+            rest = memoryview(rest)
+            head = b""
+            if peek:
+                scratch = bytearray(min(n, peek))
+                k = min(rest.nbytes, len(scratch))
+                scratch[:k] = rest[:k]
+                rest = rest[k:]
+                self._recv_views(sock, [memoryview(scratch)[k:]])
+                head = memoryview(scratch)
+            views = views_for(n, head)
             if views is None:  # not what we expect: drain it, then report a miss
-                views = [memoryview(bytearray(n))] if n < (1 << 30) else None
+                left = n - len(head)
+                views = [memoryview(bytearray(left))] if left < (1 << 30) else None
                 if views is None:
                     return None
                 result = None
@@ -856,7 +957,6 @@ class RemoteTier(_SharedTier):
                 result = n
             tail = bytearray(2)
             views = [v for v in views if v.nbytes] + [memoryview(tail)]
-            rest = memoryview(rest)
             while rest.nbytes and views:  # bytes that came with the length line
                 k = min(rest.nbytes, views[0].nbytes)
                 views[0][:k] = rest[:k]
@@ -864,15 +964,7 @@ class RemoteTier(_SharedTier):
                 views[0] = views[0][k:]
                 if not views[0].nbytes:
                     views.pop(0)
-            while views:
-                k = sock.recvmsg_into(views[:1024])[0]
-                if k == 0:
-                    raise ConnectionError("connection closed by the server")
-                while views and k >= views[0].nbytes:
-                    k -= views[0].nbytes
-                    views.pop(0)
-                if views and k:
-                    views[0] = views[0][k:]
+            self._recv_views(sock, views)
             if bytes(tail) != b"\r\n":
                 raise ConnectionError("malformed reply")
             done = True
@@ -881,6 +973,21 @@ class RemoteTier(_SharedTier):
             if not done:
                 conn.disconnect()
             pool.release(conn)
+
+    @staticmethod
+    def _recv_views(sock, views: list) -> None:
+        """Fill the byte views ``views`` from ``sock`` in order (``recvmsg_into``, 64 views a call)."""
+        views = [v for v in views if v.nbytes]
+        i = 0
+        while i < len(views):
+            k = sock.recvmsg_into(views[i:i + 64])[0]
+            if k == 0:
+                raise ConnectionError("connection closed by the server")
+            while i < len(views) and k >= views[i].nbytes:
+                k -= views[i].nbytes
+                i += 1
+            if k:
+                views[i] = views[i][k:]
 
     def remove(self, key: bytes) -> int:
         """Delete ``key``'s parts (best effort: the server may be down); returns the bytes counted for it."""

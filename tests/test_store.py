@@ -115,6 +115,19 @@ def test_round_trip_is_exact(tmp_path, cfg, tier):
     st.close()
 
 
+@pytest.mark.parametrize("copy_threads", [1, 3])
+def test_host_copies_on_the_caller_or_on_threads(copy_threads):
+    """Chunks copied into and out of the host pool on the caller's thread or on copy threads, exactly."""
+    st = Store("host:10MB", chunk_size=C, namespace="m", copy_threads=copy_threads)
+    c, ids, _ = _cache(bits=None)
+    assert st.put(ids, c) == 4 * C
+    c2 = _fresh(bits=None)
+    assert st.get(ids, c2) == 4 * C
+    _same_chunks(c, c2, 4 * C)
+    assert (st._copy_pool is None) == (copy_threads == 1)
+    st.close()
+
+
 def test_cache_with_store_loads_the_prefix_on_first_update():
     st = Store("host:10MB", chunk_size=C, namespace="m")
     c, ids, kv = _cache(T=256)
@@ -150,6 +163,9 @@ def test_bad_arguments(tmp_path):
         Store("host:1MB", "host:2MB", namespace="m")
     with pytest.raises(ValueError, match="at least one tier"):
         Store(namespace="m")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="copy_threads"):
+            Store("host:1MB", namespace="m", copy_threads=bad)
     st = Store("host:1MB", namespace="m", chunk_size=48)
     c, ids, _ = _cache()
     with pytest.raises(ValueError, match="multiple of the cache's group_size"):

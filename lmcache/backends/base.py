@@ -13,6 +13,7 @@ framework's dtype objects, so the core can reason about them.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,16 @@ Array = Any  # an array of the backend's framework
 
 #: The float dtypes a cache accepts, when the backend has them.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@functools.cache
+def host_dtype(name: str) -> np.dtype:
+    """The numpy dtype of the dtype name ``name`` (``bfloat16`` through ``ml_dtypes``)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 @dataclass
@@ -167,6 +178,107 @@ class Backend(abc.ABC):
     def to_device(self, a: np.ndarray, dtype: str | None = None, device: str | None = None) -> Array:
         """Copy host ``a`` onto ``device`` (default: this backend's device)."""
         return self.from_numpy(a, dtype, device if device is not None else self.device)
+
+    # ------------------------------------------------------------------ host staging (the store's tiers)
+    # The store keeps chunks (lists of arrays, "segments") in one host pool and on the device.
+    # These hooks move a chunk between the backend's arrays and host memory with as few copies
+    # as the framework allows. Copies may run asynchronously: the destination (and the host
+    # source) must not be read or changed until ``synchronize()`` returns. The defaults are
+    # correct for every backend and copy once per array; accelerator backends override them.
+
+    def pins_host_memory(self) -> bool:
+        """Whether ``host_buffer`` returns page-locked memory (fast, asynchronous device copies)."""
+        return False
+
+    def host_buffer(self, nbytes: int) -> np.ndarray:
+        """``nbytes`` of host memory as a numpy ``uint8`` array, every page already faulted in.
+
+        Touching the pages once here (not during the first copies into it) keeps page faults
+        out of later copies; a backend with a device overrides this with pinned memory.
+        """
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
+            raise ValueError(f"nbytes must be a positive number of bytes, got {nbytes!r}")
+        buf = np.empty(int(nbytes), np.uint8)
+        buf.fill(0)
+        return buf
+
+    def copy_to_host(self, src: Array, dst: np.ndarray) -> None:
+        """Copy ``src`` into the host array ``dst`` (same shape and dtype). May be asynchronous."""
+        np.copyto(dst, src if isinstance(src, np.ndarray) else self.to_host(src), casting="same_kind")
+
+    def copy_from_host(self, buf: Array, start: int, src: np.ndarray, axis: int = 2) -> Array:
+        """Write host ``src`` into ``buf`` at ``start`` along ``axis``; return the buffer (see ``write``).
+
+        May be asynchronous: ``src`` must stay unchanged until ``synchronize()``.
+        """
+        if isinstance(buf, np.ndarray):  # host arrays: one copy, no backend round trip
+            np.copyto(buf[(slice(None),) * (axis % buf.ndim) + (slice(start, start + src.shape[axis]),)], src,
+                      casting="same_kind")
+            return buf
+        return self.write(buf, start, self.from_numpy(src, None, self.device_of(buf)), axis)
+
+    def pack_to_host(self, arrays: Sequence[Array], dst: np.ndarray) -> None:
+        """The bytes of ``arrays`` back to back (each C-ordered) into host ``uint8`` ``dst``. May be asynchronous.
+
+        ``dst`` holds exactly ``sum(nbytes(a))`` bytes; this is the payload layout of a stored chunk.
+        """
+        flat = dst.reshape(-1).view(np.uint8)
+        sizes = [self.nbytes(a) for a in arrays]
+        if sum(sizes) != flat.nbytes:
+            raise ValueError(f"dst must hold the arrays' {sum(sizes)} bytes, it holds {flat.nbytes}")
+        off = 0
+        for a, n in zip(arrays, sizes):
+            self.copy_to_host(a, flat[off:off + n].view(host_dtype(self.dtype_name(a))).reshape(tuple(a.shape)))
+            off += n
+
+    def unpack_from_host(self, src: np.ndarray, segments: Sequence[tuple], dests: list, starts: Sequence[int],
+                         axis: int = 2) -> list:
+        """Copy a packed chunk out of host memory into the arrays ``dests``; return them (see ``write``).
+
+        ``src``: ``uint8``, the segments back to back (what ``pack_to_host`` writes);
+        ``segments``: ``(dtype name, shape)`` of each; segment ``j`` goes into ``dests[j]`` at
+        ``starts[j]`` along ``axis``. May be asynchronous: ``src`` must stay unchanged until
+        ``synchronize()``. Frameworks with immutable arrays return new arrays.
+        """
+        flat, off, out = src.reshape(-1).view(np.uint8), 0, list(dests)
+        for j, (dt, shape) in enumerate(segments):
+            dtype = host_dtype(dt)
+            n = math.prod(shape) * dtype.itemsize
+            out[j] = self.copy_from_host(out[j], starts[j], flat[off:off + n].view(dtype).reshape(tuple(shape)), axis)
+            off += n
+        return out
+
+    def empty_many(self, specs: Sequence[tuple], device: str | None = None) -> list:
+        """Uninitialised arrays, one per ``(shape, dtype name)`` of ``specs``, to receive chunks.
+
+        The default allocates each; a backend may carve them out of one buffer, so that
+        ``unpack_from_host`` fills a chunk's place in all of them with few copies.
+        """
+        return [self.empty(shape, dt, device) for shape, dt in specs]
+
+    def pack_on_device(self, arrays: Sequence[Array]):
+        """A private copy of a chunk's ``arrays`` where they are (the store's device tier).
+
+        Opaque to the caller: ``unpack_on_device`` gives the arrays back. The default copies
+        each array; a backend may keep the chunk as one buffer made in one copy.
+        """
+        return [self.concat([a], axis=0) for a in arrays]  # concat of one array is a copy everywhere
+
+    def unpack_on_device(self, packed, segments: Sequence[tuple]) -> list:
+        """The arrays (``(dtype name, shape)`` each, in order) of what ``pack_on_device`` returned: views, no copy."""
+        return list(packed)
+
+    def unpack_packed(self, packed, segments: Sequence[tuple], dests: list, starts: Sequence[int],
+                      axis: int = 2) -> list:
+        """Copy a chunk kept by ``pack_on_device`` into ``dests`` (as ``unpack_from_host`` does); return them."""
+        out = list(dests)
+        for j, a in enumerate(self.unpack_on_device(packed, segments)):
+            out[j] = self.write(out[j], starts[j], a, axis)
+        return out
+
+    def synchronize(self) -> None:  # noqa: B027 - a no-op by default, not abstract
+        """Wait until every copy the hooks above started has finished (a no-op where copies are synchronous)."""
+
 
     # ------------------------------------------------------------------ quantization
     @abc.abstractmethod
