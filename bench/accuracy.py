@@ -4,14 +4,18 @@
 are fed in chunks of 128 tokens through the cache, so every chunk attends to the
 compressed cache of the earlier ones. Rows: full precision (transformers' DynamicCache,
 the anchor), lmcache uniform 8/4/2 bits, the 2-bit remedies (Hadamard rotation, first
-tokens kept in full precision), plans calibrated on *other* topics at several average
-bit budgets, and transformers' ``QuantizedCache`` (quanto backend) at 4 and 2 bits, all in
-one run. For each row: perplexity, its change against the anchor, and the KV bytes held
-per token at the end (codes, scales, the full-precision residual: ``cache.nbytes / tokens``).
+tokens kept in full precision, key/value groups of 32 counted in the bytes), plans
+calibrated on *other* topics at average 4.5, 3.5 and 3 bits per element with scales (4, 3
+and 2.5 code bits), each next to the uniform-format row of exactly its bytes (4-bit; keys
+4 / values 2 bits; 2-bit in groups of 32), and transformers' ``QuantizedCache`` (quanto
+backend) at 4 and 2 bits, all in one run. For each row: perplexity, its change against
+the anchor, and the KV bytes held per token at the end (codes, scales, the full-precision
+residual: ``cache.nbytes / tokens``) and in a long context (codes and scales).
+``--rows`` runs a subset (row names as printed, or their slugs; the anchor always runs).
 
 lmcache rows store K/V in float16 (``kv_dtype=torch.float16``: float16 scales too) while
 the model computes in float32; full precision in float16 gives the same perplexity to 4
-decimals. Writes ``bench/results/accuracy-<cpu>.json`` and a PNG of perplexity against
+decimals. Writes ``bench/results/accuracy-cpu-<cpu>.json`` and a PNG of perplexity against
 bytes per token. Run: ``python bench/accuracy.py [--rows name,name] [--tokens 2048]``.
 """
 
@@ -34,60 +38,86 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # name, implementation, settings. Order: the rows that decide the targets first.
+# Settings: bits / kv_bits (keys, values) / plan (calibrated, average bits per element with
+# scales: uniform 2 bits = 2.5, 4 bits = 4.5 with float16 scales and groups of 64) and the
+# Cache options rotate, fp_sinks, group_size. "weigh": how a plan weighs the heads' errors
+# (see WEIGH and ``calibrated`` in ``main``).
+RS = {"rotate": True, "fp_sinks": 1}
+WEIGH = "fisher"  # how calibrated rows weigh errors: "fisher", "loss" (measured per layer and side) or "none"
+LOSS_TOKENS = 1024
 ROWS = [
     ("full precision (DynamicCache fp32)", "anchor", {}),
     ("transformers QuantizedCache quanto 4-bit", "transformers", {"quanto": 4}),
     ("transformers QuantizedCache quanto 2-bit", "transformers", {"quanto": 2}),
     ("lmcache 4-bit", "lmcache", {"bits": 4}),
+    ("lmcache 4-bit rotate sinks", "lmcache", {"bits": 4, **RS}),
+    ("lmcache plan 4.5 rotate sinks", "lmcache", {"plan": 4.5, **RS}),
+    ("lmcache K4 V2 rotate sinks", "lmcache", {"kv_bits": (4, 2), **RS}),
+    ("lmcache plan 3.5 rotate sinks", "lmcache", {"plan": 3.5, **RS}),
+    ("lmcache 2-bit g32 rotate sinks", "lmcache", {"bits": 2, "group_size": 32, **RS}),
+    ("lmcache plan 3 rotate sinks", "lmcache", {"plan": 3.0, **RS}),
     ("lmcache 2-bit", "lmcache", {"bits": 2}),
-    ("lmcache 2-bit rotate sinks", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 1}),
+    ("lmcache 2-bit rotate sinks", "lmcache", {"bits": 2, **RS}),
+    ("lmcache 2-bit rotate sinks4", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 4}),
+    ("lmcache 8-bit", "lmcache", {"bits": 8}),
+    ("lmcache plan 4.5 rotate sinks unweighted", "lmcache", {"plan": 4.5, "weigh": "none", **RS}),
+    ("lmcache plan 3.5 rotate sinks unweighted", "lmcache", {"plan": 3.5, "weigh": "none", **RS}),
+    ("lmcache plan 3 rotate sinks unweighted", "lmcache", {"plan": 3.0, "weigh": "none", **RS}),
     ("lmcache 2-bit rotate", "lmcache", {"bits": 2, "rotate": True}),
     ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 1}),
-    ("lmcache plan 2.5 rotate sinks", "lmcache", {"plan": 2.5, "rotate": True, "fp_sinks": 1}),
-    ("lmcache plan 3 rotate sinks", "lmcache", {"plan": 3.0, "rotate": True, "fp_sinks": 1}),
-    ("lmcache plan 3.5 rotate sinks", "lmcache", {"plan": 3.5, "rotate": True, "fp_sinks": 1}),
-    ("lmcache plan 4.5 rotate sinks", "lmcache", {"plan": 4.5, "rotate": True, "fp_sinks": 1}),
-    ("lmcache plan 4", "lmcache", {"plan": 4.0}),
-    ("lmcache plan 3", "lmcache", {"plan": 3.0}),
-    ("lmcache plan 2.5", "lmcache", {"plan": 2.5}),
-    ("lmcache 8-bit", "lmcache", {"bits": 8}),
-    ("lmcache 4-bit rotate", "lmcache", {"bits": 4, "rotate": True}),
-    ("lmcache 4-bit rotate sinks", "lmcache", {"bits": 4, "rotate": True, "fp_sinks": 1}),
-    ("lmcache 4-bit sinks", "lmcache", {"bits": 4, "fp_sinks": 1}),
-    ("lmcache plan 4.5", "lmcache", {"plan": 4.5}),
 ]
 
+#: Calibrated rows and the uniform-format row of exactly the same bytes they must beat.
+SAME_BYTES = [("lmcache plan 4.5 rotate sinks", "lmcache 4-bit rotate sinks"),
+              ("lmcache plan 3.5 rotate sinks", "lmcache K4 V2 rotate sinks"),
+              ("lmcache plan 3 rotate sinks", "lmcache 2-bit g32 rotate sinks")]
 
-def plan_path(plans_dir: str, avg_bits: float, **cache_kw) -> str:
+CACHE_KEYS = ("rotate", "fp_sinks", "group_size")
+
+
+def cache_kw(st: dict) -> dict:
+    """The lmcache.Cache options of a row's settings."""
+    return {k: st[k] for k in CACHE_KEYS if k in st}
+
+
+def plan_path(plans_dir: str, avg_bits: float, weigh: str = "loss", **cache_kw) -> str:
     """Where the calibrated plan of a row is written (without extension)."""
-    tag = "-".join(f"{k}{v}" for k, v in sorted(cache_kw.items()))
+    tag = "-".join([f"{k}{v}" for k, v in sorted(cache_kw.items())] + [weigh])
     return os.path.join(plans_dir, f"accuracy-plan-{avg_bits:g}{'-' + tag if tag else ''}")
 
 
 def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> float:
     """KV bytes per token once the context is long, when the full-precision tail no longer counts.
 
-    lmcache: codes plus a float16 scale and offset per group of 64 (4 bytes per head, side and
-    token). quanto: codes plus a float32 scale and shift per group of 64 elements (8 bytes).
-    The anchor: float32 K and V.
+    lmcache: codes plus a float16 scale and offset per group (keys: per channel over
+    ``group_size`` tokens, values: per ``min(group_size, head_dim)`` channels), i.e. 4 bytes
+    per head, side and token at groups of 64. quanto: codes plus a float32 scale and shift
+    per group of 64 elements (8 bytes). The anchor: float32 K and V.
     """
     if impl == "anchor":
         return 2 * layers * kv_heads * head_dim * 4.0
     if impl == "transformers":
         return 2 * layers * kv_heads * (st["quanto"] * head_dim / 8 + 8)
+    g = st.get("group_size", 64)
     if "plan" in st:
         from lmcache.plan import QuantPlan
 
-        plan = QuantPlan.load(plan_path(plans_dir, st["plan"], **{k: st[k] for k in ("rotate", "fp_sinks")
-                                                                      if k in st}) + ".json")
-        bits = [b for row in plan.k_bits + plan.v_bits for b in row]
+        plan = QuantPlan.load(plan_path(plans_dir, st["plan"], st.get("weigh", WEIGH), **cache_kw(st)) + ".json")
+        kb, vb = [b for row in plan.k_bits for b in row], [b for row in plan.v_bits for b in row]
     else:
-        bits = [st["bits"]] * (2 * layers * kv_heads)
-    return float(sum(b * head_dim / 8 + 4 for b in bits))
+        kb_, vb_ = st.get("kv_bits", (st.get("bits"), st.get("bits")))
+        kb, vb = [kb_] * (layers * kv_heads), [vb_] * (layers * kv_heads)
+    return float(sum(b * head_dim / 8 + 4 * head_dim / g for b in kb)
+                 + sum(b * head_dim / 8 + 4 * head_dim / min(g, head_dim) for b in vb))
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_out() -> str:
+    """bench/results/accuracy-cpu-<cpu model>.json (the model runs on the CPU)."""
+    return os.path.join(ROOT, "bench", "results", f"accuracy-cpu-{slug(cpu_name())}.json")
 
 
 def tensor_bytes(x) -> int:
@@ -137,23 +167,24 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/accuracy-<cpu>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/accuracy-cpu-<cpu>.json)")
     ap.add_argument("--plans-dir", default=os.path.join(ROOT, "bench", "results"),
                     help="where the calibrated plans are written")
     ap.add_argument("--replot", action="store_true",
                     help="recompute the derived columns, targets and plot of an existing JSON without running")
     args = ap.parse_args(argv)
     if args.replot:
-        out = args.out or os.path.join(ROOT, "bench", "results", "accuracy-cpu.json")
+        out = args.out or default_out()
         with open(out) as f:
             finish(json.load(f), out, args.plans_dir)
         return 0
 
     import torch
 
-    from lmcache.calibrate import calibrate, measure
-    from lmcache.commands.calibrate import plot_plan, pydoc_tokens
+    from lmcache.calibrate import calibrate, loss_weights, measure
+    from lmcache.commands.calibrate import layer_loss_increase, loss_gradients, plot_plan, pydoc_tokens
     from lmcache.integrations import hf
+    from lmcache.plan import QuantPlan
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -168,19 +199,33 @@ def main(argv=None) -> int:
     # once per cache setting and reused for every budget.
     state = {}
 
-    def calibrated(avg_bits, **cache_kw):
-        key = tuple(sorted(cache_kw.items()))
+    def calibrated(avg_bits, weigh=WEIGH, **kw):
         if "samples" not in state:
             state["samples"] = hf.capture(model, cal_ids, chunk_size=256)
-        if key not in state:
-            state[key] = measure(state["samples"], rotate=cache_kw.get("rotate", False),
-                                 fp_sinks=cache_kw.get("fp_sinks", 0))
-        plan = calibrate(None, avg_bits, errors=state[key],
-                         meta={"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics calibration topics"})
-        base = plan_path(args.plans_dir, avg_bits, **cache_kw)
+        key = tuple(sorted(kw.items()))
+        if key not in state:  # errors: measured once per cache setting, reused for every budget
+            state[key] = measure(state["samples"], **dict(key))
+        errors, weights = state[key], None
+        if weigh == "fisher":
+            if "grads" not in state:
+                state["grads"] = loss_gradients(model, cal_ids)
+            if ("fisher",) + key not in state:
+                samples = [dict(s, grads=g) for s, g in zip(state["samples"], state["grads"])]
+                state[("fisher",) + key] = measure(samples, **dict(key))
+            errors = state[("fisher",) + key]
+        elif weigh == "loss":
+            if ("loss",) + key not in state:
+                # per layer and side: 61 passes, over the first LOSS_TOKENS tokens of the calibration text
+                state[("loss",) + key] = layer_loss_increase(model, cal_ids[:, :LOSS_TOKENS], kv_dtype=fp16,
+                                                             sides=True, **kw)
+            weights = loss_weights(errors, state[("loss",) + key])
+        plan = calibrate(None, avg_bits, errors=errors, weights=weights,
+                         meta={"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics calibration topics",
+                               "weighting": weigh})
+        base = plan_path(args.plans_dir, avg_bits, weigh, **kw)
         plan.save(base + ".json")
         plot_plan(plan, base + ".png")
-        return hf.HFCache(plan=plan, kv_dtype=fp16, **cache_kw)
+        return hf.HFCache(plan=plan, kv_dtype=fp16, **kw)
 
     def quanto(nbits):
         from transformers import QuantizedCache
@@ -192,8 +237,15 @@ def main(argv=None) -> int:
             return __import__("transformers").DynamicCache()
         if impl == "transformers":
             return quanto(st["quanto"])
-        kw = {k: st[k] for k in ("rotate", "fp_sinks") if k in st}
-        return calibrated(st["plan"], **kw) if "plan" in st else hf.HFCache(bits=st["bits"], kv_dtype=fp16, **kw)
+        kw = cache_kw(st)
+        if "plan" in st:
+            return calibrated(st["plan"], st.get("weigh", WEIGH), **kw)
+        if "kv_bits" in st:
+            kb, vb = st["kv_bits"]
+            n_l, n_h = cfg.num_hidden_layers, cfg.num_key_value_heads
+            plan = QuantPlan([[kb] * n_h for _ in range(n_l)], [[vb] * n_h for _ in range(n_l)])
+            return hf.HFCache(plan=plan, kv_dtype=fp16, **kw)
+        return hf.HFCache(bits=st["bits"], kv_dtype=fp16, **kw)
 
     rows = [(name, impl, (lambda impl=impl, st=st: make(impl, st))) for name, impl, st in ROWS]
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -209,15 +261,19 @@ def main(argv=None) -> int:
     import transformers
 
     device = cpu_name()
-    out = args.out or os.path.join(ROOT, "bench", "results", "accuracy-cpu.json")
+    out = args.out or default_out()
     meta = {"benchmark": "accuracy", "device": device, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute)",
             "text": "pydoc_data.topics, first topics in sorted key order", "tokens": ids.shape[1],
             "chunk": args.chunk, "calibration_text": "pydoc_data.topics, the topics after the evaluated ones (2048 "
                                                      "tokens)",
-            "lmcache_settings": "group_size 64, residual 128, float16 K/V and scales (kv_dtype=float16); "
-                                "'rotate': Hadamard on K and V; 'sinks': fp_sinks=1 (first token kept in full "
-                                "precision); plans calibrated with lmcache.calibrate (attention-output error, "
-                                "avg bits include float16 scales: uniform 2-bit = 2.5, 4-bit = 4.5)",
+            "lmcache_settings": "group_size 64 unless 'g32', residual 128, float16 K/V and scales "
+                                "(kv_dtype=float16); 'rotate': Hadamard on K and V; 'sinks': fp_sinks=1 (first "
+                                "token kept in full precision), 'sinks4': fp_sinks=4; 'K4 V2': keys 4 bits, values "
+                                "2 bits everywhere; 'plan B': lmcache.calibrate at avg_bits=B per element, float16 "
+                                "scales included (uniform 2-bit = 2.5, 4-bit = 4.5 at groups of 64, i.e. B - 0.5 "
+                                "code bits), attention-output error weighted by the squared loss gradient there "
+                                "(diagonal Fisher, lmcache.commands.calibrate.loss_gradients on the calibration "
+                                "text); 'unweighted': the layer-normalized attention-output error instead",
             "quanto_settings": "QuantizedCache(backend='quanto'), q_group_size 64, residual_length 128, "
                                "float32 states (the model's dtype)",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -273,28 +329,41 @@ def derive(results: list, plans_dir: str) -> None:
 
 
 def targets(rows: list) -> dict:
-    """The issue's targets, each with the rows it compares and whether it holds."""
+    """The issue's targets, each with the rows it compares and whether it holds.
+
+    Bytes are the steady-state KV bytes per token (codes and scales of a long context).
+    "Beats the QuantizedCache row of equal or larger bytes" is checked two ways: against
+    the nearest such row (the cheapest quanto row holding at least as many bytes) and
+    against every such row.
+    """
     by = {r["name"]: r for r in rows if "perplexity" in r}
     out = {}
     for bits, limit in ((4, 0.5), (2, 10.0)):
-        rows = [r for n, r in by.items() if n.startswith(f"lmcache {bits}-bit")]
-        if rows:
-            best = min(rows, key=lambda r: r["perplexity"])
+        cand = {n: r for n, r in by.items() if n.startswith(f"lmcache {bits}-bit")}
+        if cand:
+            best = min(cand.values(), key=lambda r: r["perplexity"])
             out[f"uniform {bits}-bit within {limit:g}%"] = {
-                "best": best["name"], "delta_pct": best["delta_pct"], "holds": best["delta_pct"] <= limit,
-                "plain": by.get(f"lmcache {bits}-bit", {}).get("delta_pct")}
-    same = [("lmcache plan 2.5", "lmcache 2-bit"), ("lmcache plan 4.5", "lmcache 4-bit"),
-            ("lmcache plan 2.5 rotate sinks", "lmcache 2-bit rotate sinks"),
-            ("lmcache plan 4.5 rotate sinks", "lmcache 4-bit rotate sinks")]
+                "holds": best["delta_pct"] <= limit, "best": best["name"], "delta_pct": best["delta_pct"],
+                "rows": {n: {"delta_pct": r["delta_pct"], "steady_bytes_per_token": r.get("steady_bytes_per_token")}
+                         for n, r in cand.items()}}
     out["calibrated beats uniform at the same bytes"] = {
-        f"{p} vs {u}": by[p]["perplexity"] < by[u]["perplexity"] for p, u in same if p in by and u in by}
-    beats = {}
-    for q in (r for r in by.values() if r["impl"] == "transformers" and "quanto" in r["name"]):
-        for key in ("steady_bytes_per_token", "bytes_per_token"):
-            for r in by.values():
-                if r["impl"] == "lmcache" and r.get(key, math.inf) <= q.get(key, -1):
-                    beats[f"{r['name']} vs {q['name']} ({key})"] = r["perplexity"] < q["perplexity"]
-    out["lmcache beats QuantizedCache of equal or larger bytes"] = beats
+        f"{p} vs {u}": {"holds": by[p]["perplexity"] < by[u]["perplexity"], "delta_pct": [by[p]["delta_pct"],
+                                                                                          by[u]["delta_pct"]],
+                        "steady_bytes_per_token": [by[p].get("steady_bytes_per_token"),
+                                                   by[u].get("steady_bytes_per_token")]}
+        for p, u in SAME_BYTES if p in by and u in by}
+    quanto = sorted((r for r in by.values() if r["impl"] == "transformers"), key=lambda r: r["steady_bytes_per_token"])
+    nearest, every = {}, {}
+    for r in by.values():
+        if r["impl"] != "lmcache":
+            continue
+        above = [q for q in quanto if q["steady_bytes_per_token"] >= r["steady_bytes_per_token"]]
+        if above:
+            nearest[f"{r['name']} vs {above[0]['name']}"] = r["perplexity"] < above[0]["perplexity"]
+        for q in above:
+            every[f"{r['name']} vs {q['name']}"] = r["perplexity"] < q["perplexity"]
+    out["lmcache beats the nearest QuantizedCache row of equal or larger bytes"] = nearest
+    out["lmcache beats every QuantizedCache row of equal or larger bytes"] = every
     return out
 
 

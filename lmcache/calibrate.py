@@ -12,7 +12,11 @@ tokens in full precision; optional Hadamard rotation):
   layer's ``||x||^2``.
 
 Errors of a layer are normalized by that layer's output (or K, V) energy so that layers
-weigh alike, and are treated as additive. The plan minimizes their sum subject to
+weigh alike, and are treated as additive. Two ways to weigh them by the model's loss
+instead: samples carrying ``grads`` (the loss gradient at each attention output) give the
+diagonal-Fisher error ``sum g^2 (O_q - O)^2``; ``weights=`` (e.g. ``loss_weights`` of a
+measured per-layer, per-side loss increase) rescales each layer's (and side's) errors.
+The plan minimizes their sum subject to
 ``sum(cost) <= avg_bits * n`` where the cost of a ``b``-bit head counts the codes *and* the
 per-group ``scale`` and ``lo`` (``2 * scale_bits / group`` bits per element): an exact
 multiple-choice knapsack solved by dynamic programming (a few hundred items).
@@ -29,7 +33,7 @@ import numpy as np
 from .plan import QuantPlan
 from .quant import BITS, check_bits, dequantize, hadamard, quantize
 
-__all__ = ["calibrate", "element_cost", "head_errors", "measure", "solve_budget"]
+__all__ = ["calibrate", "element_cost", "head_errors", "loss_weights", "measure", "solve_budget"]
 
 
 def element_cost(bits: int | None, group: int, scale_bits: int = 16) -> float:
@@ -55,13 +59,14 @@ def _to_numpy(x: Any, what: str) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def _unpack_sample(s: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _unpack_sample(s: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    g = None
     if isinstance(s, Mapping):
         missing = {"keys", "values"} - set(s)
         if missing:
-            raise ValueError(f"samples[{i}] must have 'keys' and 'values' (and optionally 'queries'), "
+            raise ValueError(f"samples[{i}] must have 'keys' and 'values' (and optionally 'queries', 'grads'), "
                              f"missing {sorted(missing)}")
-        k, v, q = s["keys"], s["values"], s.get("queries")
+        k, v, q, g = s["keys"], s["values"], s.get("queries"), s.get("grads")
     elif isinstance(s, (tuple, list)) and len(s) in (2, 3):
         k, v, q = s[0], s[1], (s[2] if len(s) == 3 else None)
     else:
@@ -77,7 +82,14 @@ def _unpack_sample(s: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray |
             raise ValueError(f"samples[{i}]: queries {q.shape} must be [batch, q_heads, tokens, head_dim] with the "
                              f"keys' batch, tokens and head_dim ({k.shape}) and q_heads a multiple of "
                              f"{k.shape[1]} KV heads")
-    return k, v, q
+    if g is not None:
+        if q is None:
+            raise ValueError(f"samples[{i}]: 'grads' need 'queries' (the error they weigh is the attention output's)")
+        g = _to_numpy(g, f"samples[{i}] grads")
+        if g.shape != q.shape:
+            raise ValueError(f"samples[{i}]: grads {g.shape} must have the queries' shape {q.shape} "
+                             f"([batch, q_heads, tokens, head_dim])")
+    return k, v, q, g
 
 
 def _qdq(x: np.ndarray, bits: int, group: int, axis: int, rotate: bool) -> np.ndarray:
@@ -95,7 +107,7 @@ def _quantized_tokens(positions: np.ndarray, residual: int, group: int) -> np.nd
 
 def head_errors(keys, values, queries=None, *, bits: Sequence[int] = BITS, group_size: int = 64,
                 residual: int = 128, rotate: Any = False, fp_sinks: int = 0, max_queries: int = 128,
-                scale: float | None = None) -> dict[str, np.ndarray]:
+                scale: float | None = None, grads=None) -> dict[str, np.ndarray]:
     """Errors of one layer: ``{"k": [n_bits, kv_heads], "v": [n_bits, kv_heads]}`` (float64).
 
     ``keys``/``values``: ``[batch, kv_heads, tokens, head_dim]``; ``queries`` (optional):
@@ -103,8 +115,13 @@ def head_errors(keys, values, queries=None, *, bits: Sequence[int] = BITS, group
     them). Row ``i`` is the error of ``bits[i]`` applied to that head's side alone (see the
     module docstring). ``rotate``: ``False``, ``True``/``"kv"``, ``"k"`` or ``"v"``.
     ``fp_sinks``: the first tokens the cache keeps in full precision (``Cache(fp_sinks=)``).
+    ``grads`` (optional, with queries): ``[batch, q_heads, tokens, head_dim]``, the gradient
+    of the model's loss with respect to each query head's attention output (the input of
+    the output projection, e.g. ``lmcache.commands.calibrate.loss_gradients``); the error is
+    then ``sum g^2 (O_q - O)^2`` over sampled positions, scaled to all positions: the
+    diagonal-Fisher estimate of the loss increase, comparable across layers as it stands.
     """
-    k, v, q = _unpack_sample({"keys": keys, "values": values, "queries": queries}, 0)
+    k, v, q, g = _unpack_sample({"keys": keys, "values": values, "queries": queries, "grads": grads}, 0)
     rk, rv = {False: (False, False), None: (False, False), True: (True, True), "kv": (True, True),
               "k": (True, False), "v": (False, True)}[rotate]
     b, h, t, d = k.shape
@@ -145,6 +162,10 @@ def head_errors(keys, values, queries=None, *, bits: Sequence[int] = BITS, group
     p_ref = probs(s_ref)
     o_ref = np.einsum("bhrpt,bhtd->bhrpd", p_ref, v)
     den = max(float((o_ref ** 2).sum()), 1e-30)
+    wgt = 1.0
+    if g is not None:   # loss-weighted: no per-layer normalization, the gradients carry the scale
+        wgt = g[:, :, pos].reshape(b, h, rep, len(pos), d) ** 2
+        den = len(pos) / len(pos_all)
     kq_all = {nb: _qdq(k[:, :, s0:s0 + n_all], nb, group_size, -2, rk) for nb in bits}
     vq_all = {nb: _qdq(v[:, :, s0:s0 + n_all], nb, vgroup, -1, rv) for nb in bits}
     pu = p_ref * quant                                                  # attention on quantized tokens
@@ -152,10 +173,10 @@ def head_errors(keys, values, queries=None, *, bits: Sequence[int] = BITS, group
         kq = np.concatenate([k_s, kq_all[nb], k[:, :, s0 + n_all:]], axis=2)
         s_q = np.where(quant, np.einsum("bhrpd,bhtd->bhrpt", qs, kq) * sc, s_ref)
         o_q = np.einsum("bhrpt,bhtd->bhrpd", probs(s_q), v)
-        errs["k"][j] = ((o_q - o_ref) ** 2).sum(axis=(0, 2, 3, 4)) / den
+        errs["k"][j] = (wgt * (o_q - o_ref) ** 2).sum(axis=(0, 2, 3, 4)) / den
         dv = np.concatenate([np.zeros_like(v_s), vq_all[nb] - v[:, :, s0:s0 + n_all],
                              np.zeros_like(v[:, :, s0 + n_all:])], axis=2)
-        errs["v"][j] = (np.einsum("bhrpt,bhtd->bhrpd", pu, dv) ** 2).sum(axis=(0, 2, 3, 4)) / den
+        errs["v"][j] = (wgt * np.einsum("bhrpt,bhtd->bhrpd", pu, dv) ** 2).sum(axis=(0, 2, 3, 4)) / den
     return errs
 
 
@@ -212,6 +233,61 @@ def _check_settings(bits, scale_bits, rotate) -> list[int]:
     return cand
 
 
+def _check_weights(weights: Any, n_layers: int, n_heads: int) -> dict:
+    """``weights`` as ``{"k": [layers, kv_heads], "v": [layers, kv_heads]}`` float64 (all ones for ``None``)."""
+    if weights is None:
+        return {"k": np.ones((n_layers, n_heads)), "v": np.ones((n_layers, n_heads))}
+    if isinstance(weights, Mapping):
+        if set(weights) != {"k", "v"}:
+            raise ValueError(f"weights given per side must be a dict with keys 'k' and 'v', got {sorted(weights)}")
+        return {side: _check_weights(weights[side], n_layers, n_heads)["k"] for side in "kv"}
+    try:
+        w = np.asarray(weights, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights must be numbers shaped [layers] or [layers, kv_heads], got "
+                        f"{type(weights).__name__}") from None
+    if w.shape not in ((n_layers,), (n_layers, n_heads)):
+        raise ValueError(f"weights must have shape ({n_layers},) or ({n_layers}, {n_heads}) (layers, KV heads of the "
+                         f"samples), got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    w = np.broadcast_to(w.reshape(n_layers, -1), (n_layers, n_heads)).astype(np.float64)
+    return {"k": w, "v": w.copy()}
+
+
+def loss_weights(errors: Mapping, loss_increase: Sequence, bits: int = 2, floor: float = 0.01) -> dict:
+    """Weights that turn ``measure``'s errors into loss: pass them as ``calibrate(weights=...)``.
+
+    ``errors``: the dict of ``measure``; ``loss_increase``: the measured loss increase when
+    one layer alone is quantized at ``bits`` (e.g.
+    ``lmcache.commands.calibrate.layer_loss_increase``), ``[layers]`` for K and V together
+    or ``[layers, 2]`` for K and V apart. Weight of layer ``l`` (and side): ``max(dL,
+    floor * max(dL)) / E(bits)``, ``E`` the summed errors the weight applies to; so the
+    allocation keeps the measured ranking of heads inside a layer (and side) and follows the
+    measured loss across them (the floor keeps a part the loss barely reacts to from being
+    free). Returns ``{"k": [layers], "v": [layers]}`` float64 arrays.
+    """
+    if not isinstance(errors, Mapping) or not {"bits", "k", "v"} <= set(errors):
+        raise ValueError("errors must be the dict returned by lmcache.calibrate.measure")
+    if bits not in errors["bits"]:
+        raise ValueError(f"bits={bits!r} is not among the measured bit-widths {errors['bits']}")
+    d = np.asarray(loss_increase, np.float64)
+    n_l = len(errors["k"])
+    if d.shape not in ((n_l,), (n_l, 2)) or not np.isfinite(d).all():
+        raise ValueError(f"loss_increase must hold one finite number per layer ({n_l}) or a (K, V) pair per layer, "
+                         f"got shape {d.shape}")
+    if not (d > 0).any():
+        raise ValueError("loss_increase has no positive entry: quantizing no layer raised the loss")
+    j = list(errors["bits"]).index(bits)
+    ek = np.array([np.sum(errors["k"][i][j]) for i in range(n_l)])
+    ev = np.array([np.sum(errors["v"][i][j]) for i in range(n_l)])
+    d = np.maximum(d, floor * d.max())
+    if d.ndim == 1:
+        w = d / np.maximum(ek + ev, 1e-30)
+        return {"k": w, "v": w.copy()}
+    return {"k": d[:, 0] / np.maximum(ek, 1e-30), "v": d[:, 1] / np.maximum(ev, 1e-30)}
+
+
 def measure(samples: Sequence, *, bits: Sequence[int] = BITS, group_size: int = 64, residual: int = 128,
             rotate: Any = False, fp_sinks: int = 0, max_queries: int = 128,
             progress: Callable[[int, int], None] | None = None) -> dict:
@@ -225,16 +301,17 @@ def measure(samples: Sequence, *, bits: Sequence[int] = BITS, group_size: int = 
         raise TypeError(f"samples must be a non-empty list with one entry per layer, got {type(samples).__name__}")
     cand = _check_settings(bits, 16, rotate)
     layers = [_unpack_sample(s, i) for i, s in enumerate(samples)]
-    heads = {k.shape[1] for k, _, _ in layers}
+    heads = {k.shape[1] for k, _, _, _ in layers}
     if len(heads) != 1:
         raise ValueError(f"every layer of samples must have the same number of KV heads, got {sorted(heads)}")
     out = {"bits": cand, "head_dim": [], "k": [], "v": [], "group_size": group_size, "residual": residual,
            "rotate": rotate if rotate is not None else False, "fp_sinks": fp_sinks,
-           "metric": "attention-output" if all(q is not None for _, _, q in layers)
-           else ("reconstruction" if all(q is None for _, _, q in layers) else "mixed")}
-    for i, (k, v, q) in enumerate(layers):
+           "metric": "loss-weighted attention-output" if all(g is not None for *_, g in layers)
+           else "attention-output" if all(q is not None for _, _, q, _ in layers)
+           else ("reconstruction" if all(q is None for _, _, q, _ in layers) else "mixed")}
+    for i, (k, v, q, g) in enumerate(layers):
         e = head_errors(k, v, q, bits=cand, group_size=group_size, residual=residual, rotate=rotate,
-                        fp_sinks=fp_sinks, max_queries=max_queries)
+                        fp_sinks=fp_sinks, max_queries=max_queries, grads=g)
         out["head_dim"].append(int(k.shape[-1]))
         out["k"].append(e["k"].tolist())
         out["v"].append(e["v"].tolist())
@@ -245,7 +322,7 @@ def measure(samples: Sequence, *, bits: Sequence[int] = BITS, group_size: int = 
 
 def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence[int] = BITS, group_size: int = 64,
               residual: int = 128, rotate: Any = False, fp_sinks: int = 0, scale_bits: int = 16,
-              max_queries: int = 128, errors: dict | None = None, meta: dict | None = None,
+              max_queries: int = 128, errors: dict | None = None, weights: Any = None, meta: dict | None = None,
               progress: Callable[[int, int], None] | None = None) -> QuantPlan:
     """Choose bits per (layer, KV head, K/V) minimizing the summed error under ``avg_bits``.
 
@@ -258,8 +335,14 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
     ``scale_bits=16`` and ``group_size=64``, uniform 2 bits costs 2.5 and uniform 4 bits 4.5.
     ``bits``: candidate bit-widths. ``group_size``/``residual``/``rotate``/``fp_sinks``: the
     settings of the cache the plan is for. ``errors``: the result of ``measure`` (then ``samples`` may
-    be ``None`` and the settings are taken from it). ``progress(done, total)`` is called
-    after each layer. Returns a ``QuantPlan`` whose ``meta`` records settings, errors, cost.
+    be ``None`` and the settings are taken from it). ``weights`` (optional): how much the
+    model's loss reacts to each layer's error, ``[layers]`` or ``[layers, kv_heads]``
+    non-negative numbers, or a dict ``{"k": ..., "v": ...}`` of those (e.g. ``loss_weights``
+    from measured loss increases, or ``lmcache.commands.calibrate.sensitivity``); each
+    head's K and V errors are multiplied by their weight before allocation, so
+    bits go where the loss reacts rather than where the layer-normalized error is largest.
+    ``progress(done, total)`` is called after each layer. Returns a ``QuantPlan`` whose
+    ``meta`` records settings, errors, weights, cost.
     """
     if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not avg_bits > 0:
         raise ValueError(f"avg_bits must be a positive number, got {avg_bits!r}")
@@ -271,11 +354,12 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
         raise ValueError("errors must be the dict returned by lmcache.calibrate.measure")
     cand, group_size = list(errors["bits"]), errors.get("group_size", group_size)
     n_l, n_heads = len(errors["k"]), len(errors["k"][0][0])
+    w, weighted = _check_weights(weights, n_l, n_heads), weights is not None
     errs, costs, weights = [], [], []
     for i in range(n_l):
         d = errors["head_dim"][i]
         for side, grp in (("k", group_size), ("v", min(group_size, d))):
-            e = np.asarray(errors[side][i], np.float64)  # [bits, heads]
+            e = np.asarray(errors[side][i], np.float64) * w[side][i]  # [bits, heads]
             for hh in range(n_heads):
                 errs.append(e[:, hh])
                 costs.append([element_cost(b, grp, scale_bits) * d for b in cand])
@@ -298,7 +382,8 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
         "avg_bits_budget": float(avg_bits), "avg_bits": round(float(costs_a[idx, pick].sum()) / total_w, 4),
         "scale_bits": scale_bits, "group_size": group_size, "residual": errors.get("residual", residual),
         "rotate": errors.get("rotate", rotate), "fp_sinks": errors.get("fp_sinks", fp_sinks),
-        "metric": errors.get("metric"),
+        "metric": errors.get("metric") if not weighted else f"{errors.get('metric')}, sensitivity-weighted",
+        "weights": {side: w[side].tolist() for side in "kv"} if weighted else None,
         "total_error": float(errs_a[idx, pick].sum()),
         "uniform_error": {str(b): float(errs_a[:, j].sum()) for j, b in enumerate(cand)},
         "errors": dict(errors),

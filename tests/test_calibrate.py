@@ -10,7 +10,7 @@ import pytest
 from conftest import require, test_backends
 
 import lmcache
-from lmcache.calibrate import calibrate, element_cost, head_errors, measure, solve_budget
+from lmcache.calibrate import calibrate, element_cost, head_errors, loss_weights, measure, solve_budget
 from lmcache.plan import QuantPlan
 
 L, H, T, D = 3, 4, 320, 64
@@ -140,3 +140,87 @@ def test_fp_sinks_spare_an_outlier_first_token(rng):
     assert (sinks["k"][0] < plain["k"][0] / 4).all()
     plan = calibrate([(k, v, q)], avg_bits=4.0, residual=64, fp_sinks=1, max_queries=16)
     assert plan.meta["fp_sinks"] == 1 and plan.meta["errors"]["fp_sinks"] == 1
+
+
+def test_loss_gradients_steer_bits(rng):
+    """Heads whose output the loss ignores (zero gradient) get 2 bits even when hard; the budget holds."""
+    samples = synthetic(rng, True)
+    for layer, s in enumerate(samples):
+        g = np.ones_like(s["queries"])
+        for h in range(H):
+            if (layer, h) in HARD:
+                g[:, 2 * h:2 * h + 2] = 0.0          # both query heads of a hard KV head
+        s["grads"] = g
+    plan = calibrate(samples, avg_bits=3.5, residual=64, max_queries=32)
+    assert plan.meta["metric"] == "loss-weighted attention-output"
+    for layer, h in HARD:
+        assert plan.k_bits[layer][h] == 2 and plan.v_bits[layer][h] == 2
+    assert plan.meta["avg_bits"] <= 3.5 + 1e-9
+    # with unit gradients the error is the summed squared output error: zero where nothing is quantized
+    s = samples[0]
+    e = head_errors(s["keys"], s["values"], s["queries"], residual=64, max_queries=16,
+                    grads=np.ones_like(s["queries"]))
+    assert (e["k"][0] > e["k"][1]).all() and (e["v"][0] > 0).all()
+    with pytest.raises(ValueError, match="grads .* must have the queries' shape"):
+        head_errors(s["keys"], s["values"], s["queries"], residual=64, grads=s["queries"][:, :2])
+    with pytest.raises(ValueError, match="'grads' need 'queries'"):
+        calibrate([{"keys": s["keys"], "values": s["values"], "grads": s["queries"]}], residual=64)
+
+
+def test_weights_move_bits_to_sensitive_layers(rng):
+    samples = synthetic(rng, False)
+    errs = measure(samples, residual=64)
+    base = calibrate(None, avg_bits=3.5, errors=errs)
+    heavy = calibrate(None, avg_bits=3.5, errors=errs, weights=[1.0, 1000.0, 1.0])
+    mean = lambda plan, i: np.mean(plan.k_bits[i] + plan.v_bits[i])  # noqa: E731
+    assert mean(heavy, 1) > mean(base, 1) and mean(heavy, 0) == mean(heavy, 2) == 2
+    assert heavy.meta["weights"]["k"][1] == [1000.0] * H and "sensitivity-weighted" in heavy.meta["metric"]
+    per_head = calibrate(None, avg_bits=3.5, errors=errs, weights=np.ones((L, H)))
+    assert per_head.k_bits == base.k_bits and per_head.v_bits == base.v_bits
+    for bad, err in (([1.0, 1.0], ValueError), ([[1.0] * (H + 1)] * L, ValueError), ([1.0, -1.0, 1.0], ValueError),
+                     ([0.0, 0.0, 0.0], ValueError), ([1.0, float("nan"), 1.0], ValueError), ("abc", TypeError)):
+        with pytest.raises(err, match="weights"):
+            calibrate(None, avg_bits=3.5, errors=errs, weights=bad)
+
+
+def test_loss_weights(rng):
+    errs = measure(synthetic(rng, False), residual=64)
+    w = loss_weights(errs, [0.5, 0.0, -0.1])
+    e2 = [np.sum(errs["k"][i][0]) + np.sum(errs["v"][i][0]) for i in range(L)]
+    assert np.allclose(w["k"], np.array([0.5, 0.005, 0.005]) / e2) and np.allclose(w["v"], w["k"])  # floor: 1%
+    plan = calibrate(None, avg_bits=3.5, errors=errs, weights=w)
+    assert np.mean(plan.k_bits[0] + plan.v_bits[0]) > np.mean(plan.k_bits[1] + plan.v_bits[1])
+    with pytest.raises(ValueError, match="one finite number per layer"):
+        loss_weights(errs, [1.0, 2.0])
+    with pytest.raises(ValueError, match="no positive entry"):
+        loss_weights(errs, [0.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="bits=3 is not among"):
+        loss_weights(errs, [1.0, 1.0, 1.0], bits=3)
+
+
+def test_model_sensitivities():
+    """Loss gradients, sensitivity and per-layer loss increase on a tiny random Llama (transformers)."""
+    torch = require("torch")
+    transformers = require("transformers")
+    require("lmcache.integrations.hf")
+    from lmcache.commands.calibrate import layer_loss_increase, loss_gradients, sensitivity
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (1, 80))
+    grads = loss_gradients(model, ids)
+    assert [tuple(g.shape) for g in grads] == [(1, 4, 80, 16)] * 2
+    # the last token's output predicts nothing inside the text: no loss flows back to it
+    assert all(float(g[:, :, -1].abs().max()) == 0.0 and float(g[:, :, :-1].abs().max()) > 0 for g in grads)
+    assert all(p.grad is None for p in model.parameters())
+    w = sensitivity(model, ids)
+    assert len(w) == 2 and all(len(r) == 2 and min(r) > 0 for r in w)
+    kw = {"group_size": 16, "residual": 16, "rotate": True, "fp_sinks": 1}
+    two = layer_loss_increase(model, ids, bits=2, chunk=20, **kw)
+    eight = layer_loss_increase(model, ids, bits=8, chunk=20, **kw)
+    assert len(two) == 2 and all(abs(e) < abs(t) for e, t in zip(eight, two))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        loss_gradients(model, ids[0])

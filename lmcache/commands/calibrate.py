@@ -20,6 +20,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--rotate", choices=["none", "k", "v", "kv"], default="none",
                         help="Hadamard rotation the cache will use (errors are measured with it)")
+    parser.add_argument("--fp-sinks", type=int, default=0,
+                        help="first tokens the cache keeps in full precision (Cache(fp_sinks=)); default 0")
+    parser.add_argument("--weigh", choices=["none", "fisher", "loss"], default="none",
+                        help="how head errors are weighed: 'none' (attention-output error normalized per layer, "
+                             "default), 'fisher' (by the squared loss gradient at each output: one backward pass), "
+                             "'loss' (by the loss increase measured when one layer's keys or values alone are "
+                             "quantized at 2 bits: two passes per layer)")
     parser.add_argument("--scale-bits", type=int, choices=[16, 32], default=16,
                         help="bits of each stored scale and offset: 16 for float16/bfloat16 caches (default)")
     parser.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
@@ -53,6 +60,118 @@ def pydoc_tokens(tokenizer, n: int, part: str = "calibrate", eval_tokens: int = 
         if len(out) >= n:
             return out[:n]
     raise ValueError(f"the calibration topics hold {len(out)} tokens, asked for {n}")
+
+
+def _outputs_and_grads(model, input_ids):
+    """Per attention layer: its output before ``o_proj`` and the loss gradient there, ``[batch, q_heads, T, d]``."""
+    import torch
+
+    attn = sorted((m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "layer_idx")),
+                  key=lambda m: m.layer_idx)
+    if not attn:
+        raise ValueError(f"the model must have attention modules with o_proj and layer_idx (the Llama family), "
+                         f"{type(model).__name__} has none")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be a [batch, tokens>=2] torch tensor, got "
+                         f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+    seen: dict = {}
+
+    def hook(layer):
+        def pre(mod, args):
+            args[0].retain_grad()
+            seen[layer] = args[0]
+        return pre
+
+    hooks = [m.o_proj.register_forward_pre_hook(hook(m.layer_idx)) for m in attn]
+    try:
+        with torch.enable_grad():
+            model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    def heads(y, d):  # [batch, tokens, q_heads * d] -> [batch, q_heads, tokens, d]
+        return y.detach().float().reshape(*y.shape[:2], -1, d).transpose(1, 2).contiguous()
+
+    return [(heads(seen[m.layer_idx], m.head_dim), heads(seen[m.layer_idx].grad, m.head_dim), m.num_key_value_groups)
+            for m in attn]
+
+
+def loss_gradients(model, input_ids) -> list:
+    """Gradient of the next-token loss w.r.t. every layer's attention output, for ``calibrate``'s samples.
+
+    ``model``: a transformers causal LM of the Llama family (attention modules with
+    ``o_proj`` and ``layer_idx``); ``input_ids``: ``[batch, tokens]`` int64, the same tokens
+    as the samples. One forward and backward pass in full precision, no cache. Returns one
+    float32 CPU tensor per layer, ``[batch, q_heads, tokens, head_dim]``: put each in its
+    layer's sample as ``"grads"`` and ``lmcache.calibrate`` weighs errors by the loss.
+    """
+    return [g.cpu() for _, g, _ in _outputs_and_grads(model, input_ids)]
+
+
+def sensitivity(model, input_ids) -> list[list[float]]:
+    """A coarse per-(layer, KV head) weight of how much the loss reacts to attention-output error.
+
+    ``model``/``input_ids`` as for ``loss_gradients``. For layer ``l`` and KV head ``h``:
+    ``E_t[||O_l(t)||^2] * E_t[sum_i g_i(t)^2]`` over the query heads sharing ``h``, the
+    product of means of the diagonal-Fisher estimate (``loss_gradients`` keeps it per
+    position). Returns ``[layers][kv_heads]`` floats, the ``weights=`` of ``calibrate``.
+    """
+    weights = []
+    for x, g, rep in _outputs_and_grads(model, input_ids):
+        energy = float((x ** 2).sum((1, 3)).mean())                           # E_t ||O_l(t)||^2
+        g2 = (g ** 2).reshape(g.shape[0], -1, rep, *g.shape[2:]).sum((2, 4))  # [batch, kv_heads, tokens]
+        weights.append([energy * float(w) for w in g2.mean((0, 2))])
+    return weights
+
+
+def layer_loss_increase(model, input_ids, *, bits: int = 2, chunk: int = 256, kv_dtype=None, sides: bool = False,
+                        progress=None, **cache_kw) -> list:
+    """Mean next-token loss increase when one layer alone is quantized, for every layer.
+
+    ``model``: a transformers causal LM that ``HFCache`` serves; ``input_ids``: ``[batch,
+    tokens]`` int64 (more than ``residual + group_size`` tokens, calibration text, not the
+    evaluated one), fed ``chunk`` tokens at a time. For each layer ``l``: the loss through
+    an ``HFCache`` whose plan gives ``bits`` to every head of ``l`` and full precision to the
+    other layers, minus the loss with no layer quantized (same cache, same ``kv_dtype``).
+    ``cache_kw``: the Cache options the plan is for (``rotate``, ``fp_sinks``,
+    ``group_size``, ``residual``). Returns ``[layers]`` floats (nats per token; may be
+    slightly negative for layers the loss ignores). Costs one pass per layer plus one.
+    ``sides=True``: keys and values of each layer measured apart, ``[layers][2]`` (K, V),
+    two passes per layer.
+    """
+    import torch
+
+    from ..integrations.hf import HFCache, cache_argument
+    from ..plan import QuantPlan
+
+    cfg = model.config
+    n_l, n_h = cfg.num_hidden_layers, cfg.num_key_value_heads
+
+    def loss(plan) -> float:
+        cache = HFCache(plan=plan, kv_dtype=kv_dtype, **cache_kw)
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, input_ids.shape[1], chunk):
+                logits = model(input_ids[:, s:s + chunk], **{cache_argument(): cache}, use_cache=True).logits.float()
+                tgt = input_ids[:, s + 1:s + chunk + 1]
+                lp = torch.log_softmax(logits[:, :tgt.shape[1]], -1)
+                nll -= lp.gather(2, tgt[..., None]).sum().item()
+                n += tgt.numel()
+        return nll / n
+
+    base = loss(QuantPlan.uniform(n_l, n_h, None))
+    out = []
+    for layer in range(n_l):
+        rows = [[bits if i == layer else None] * n_h for i in range(n_l)]
+        none = [[None] * n_h for _ in range(n_l)]
+        if sides:
+            out.append([loss(QuantPlan(rows, none)) - base, loss(QuantPlan(none, rows)) - base])
+        else:
+            out.append(loss(QuantPlan(rows, [list(r) for r in rows])) - base)
+        if progress is not None:
+            progress(layer + 1, n_l)
+    return out
 
 
 def plot_plan(plan, path: str, title: str = "") -> None:
@@ -93,9 +212,12 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..calibrate import calibrate
+    from ..calibrate import calibrate, loss_weights, measure
     from ..integrations import hf
 
+    if args.fp_sinks < 0:
+        print(f"lmcache calibrate: --fp-sinks must be 0 or more, got {args.fp_sinks}", file=sys.stderr)
+        return 2
     for name in ("tokens", "chunk", "group_size", "residual"):
         if getattr(args, name) < 1:
             print(f"lmcache calibrate: --{name.replace('_', '-')} must be a positive integer, "
@@ -112,7 +234,7 @@ def run(args) -> int:
         with open(args.text, encoding="utf-8") as f:
             ids = tok(f.read())["input_ids"][:args.tokens]
         source = args.text
-    need = args.residual + args.group_size + 1
+    need = args.fp_sinks + args.residual + args.group_size + 1
     if len(ids) < need:
         print(f"lmcache calibrate: the text gives {len(ids)} tokens, calibration needs at least {need}",
               file=sys.stderr)
@@ -121,12 +243,30 @@ def run(args) -> int:
     bar = tqdm(total=-(-len(ids) // args.chunk), desc="model", unit="chunk")
     samples = hf.capture(model, ids_t, chunk_size=args.chunk, progress=lambda d, t: bar.update(1))
     bar.close()
-    bar = tqdm(total=len(samples), desc="errors", unit="layer")
+    weights = None
     rotate = {"none": False, "k": "k", "v": "v", "kv": True}[args.rotate]
+    cache_kw = {"group_size": args.group_size, "residual": args.residual, "rotate": rotate, "fp_sinks": args.fp_sinks}
+    if args.weigh == "fisher":
+        print("loss gradients (one backward pass)", file=sys.stderr)
+        try:
+            for s, g in zip(samples, loss_gradients(model, ids_t)):
+                s["grads"] = g
+        except ValueError as e:
+            print(f"lmcache calibrate: {e} (use --weigh none)", file=sys.stderr)
+            return 2
+    elif args.weigh == "loss":
+        bar = tqdm(total=len(samples), desc="loss per layer", unit="layer")
+        dl = layer_loss_increase(model, ids_t, chunk=args.chunk, sides=True, progress=lambda d, t: bar.update(1),
+                                 **cache_kw)
+        bar.close()
+    bar = tqdm(total=len(samples), desc="errors", unit="layer")
     try:
-        plan = calibrate(samples, args.avg_bits, group_size=args.group_size, residual=args.residual, rotate=rotate,
-                         scale_bits=args.scale_bits, progress=lambda d, t: bar.update(1),
-                         meta={"model": os.path.basename(model_path), "text": source, "tokens": len(ids)})
+        errors = measure(samples, progress=lambda d, t: bar.update(1), **cache_kw)
+        if args.weigh == "loss":
+            weights = loss_weights(errors, dl)
+        plan = calibrate(None, args.avg_bits, errors=errors, weights=weights, scale_bits=args.scale_bits,
+                         meta={"model": os.path.basename(model_path), "text": source, "tokens": len(ids),
+                               "weighting": args.weigh})
     except ValueError as e:
         bar.close()
         print(f"lmcache calibrate: {e}", file=sys.stderr)
