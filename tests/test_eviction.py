@@ -11,6 +11,7 @@ import lmcache
 from lmcache.backends import get_backend
 from lmcache.eviction import Evictor, evicted
 from lmcache.policies.h2o import H2O
+from lmcache.policies.keydiff import KeyDiff
 from lmcache.policies.knorm import KNorm
 from lmcache.policies.snapkv import SnapKV
 from lmcache.policies.window import Window
@@ -45,7 +46,7 @@ def kept_rows(kept, orig):
 
 
 POLICIES = [Window(slack=6), H2O(window=4, slack=6), SnapKV(window=4, slack=6, observation=4, kernel=3),
-            KNorm(window=4, slack=6)]
+            KNorm(window=4, slack=6), KeyDiff(window=4, slack=6)]
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
@@ -113,13 +114,41 @@ def test_h2o_accumulates_all_queries_snapkv_only_the_observation_window():
     q[0, 0, -2:, 1] = 10.0
     v = np.arange(n, dtype=np.float32)[None, None, :, None].repeat(d, -1)
     kept = {}
-    for pol in (H2O(window=2, slack=0), SnapKV(window=2, slack=0, observation=2, kernel=1)):
+    for name, pol in (("h2o", H2O(window=2, slack=0, kernel=1, half_life=None)),
+                      ("h2o-forgetting", H2O(window=2, slack=0, kernel=1, half_life=1)),
+                      ("snapkv", SnapKV(window=2, slack=0, observation=2, kernel=1))):
         cache = lmcache.Cache(backend="numpy", bits=None, policy=pol, budget=4, sinks=1)
         cache.update(0, k, v)
         cache.attend(0, q)
-        kept[pol.name] = cache.update(0, k[:, :, :1], v[:, :, :1])[1][0, 0, :4, 0].tolist()
+        kept[name] = cache.update(0, k[:, :, :1], v[:, :, :1])[1][0, 0, :4, 0].tolist()
     assert kept["h2o"] == [0, 5, 38, 39]
+    assert kept["h2o-forgetting"] == [0, 9, 38, 39]  # the last 2 queries weigh 1.5, the 36 before 0.5
     assert kept["snapkv"] == [0, 9, 38, 39]
+
+
+@pytest.mark.parametrize("observe", [False, True])
+def test_h2o_half_life_weighs_each_query_by_its_age(observe, rng):
+    """The statistic after a prompt and decoded tokens is sum_j 2**(-age_j / half_life) p_j (float64 reference)."""
+    b, h, rep, d, n = 1, 2, 2, 8, 24
+    cache = lmcache.Cache(backend="numpy", bits=None, policy=H2O(window=4, slack=100, kernel=1, half_life=2),
+                          budget=50, sinks=1)
+    ks, qs = [], []
+    for t in (n, 1, 1, 1):
+        k, v, q = randn(rng, b, h, t, d), randn(rng, b, h, t, d), randn(rng, b, h * rep, t, d)
+        cache.update(0, k, v)
+        cache.observe(0, q) if observe else cache.attend(0, q)
+        ks.append(k)
+        qs.append(q)
+    K, Q = np.concatenate(ks, 2).astype(np.float64), np.concatenate(qs, 2).astype(np.float64)
+    T = K.shape[2]
+    s = Q @ np.repeat(K, rep, 1).swapaxes(-1, -2) / np.sqrt(d)
+    s = np.where(np.arange(T)[None] <= np.arange(T)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)  # [B, Hq, T, T]
+    w = 0.5 ** ((T - 1 - np.arange(T)) / 2)  # the chunks of half_life // 2 = 1 query are exact
+    want = (p * w[:, None]).sum(2).reshape(b, h, rep, T).sum(2)
+    got = cache._layers[0].stats[0].stats
+    np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_heads_keep_different_tokens():
@@ -262,7 +291,7 @@ def test_evicted_rebuild_keeps_the_flush_rule(rng):
     assert new.seq_len == 37 and new.n_quant == 32 and new.n_res == 5
 
 
-@pytest.mark.parametrize("policy", ["window", "sink", "h2o", "snapkv", "knorm"])
+@pytest.mark.parametrize("policy", ["window", "sink", "h2o", "snapkv", "knorm", "keydiff"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_numpy_and_torch_keep_the_same_tokens(policy, bits, rng):
     torch = require("torch")
@@ -366,3 +395,14 @@ def test_observe_checks_its_arguments_and_is_a_no_op_without_policy(rng):
     assert cache.seq_len(0) == 5
     with pytest.raises(ValueError, match="q_len"):
         cache.observe(0, randn(rng, 1, 1, 6, 8))
+
+
+def test_chunked_scores_equal_one_pass_and_skip_nothing(rng):
+    """``observe``'s statistic in chunks of queries, each over the keys it sees, equals the one-pass sum."""
+    from lmcache.eviction import chunked_scores
+
+    be = get_backend("numpy")
+    q, k, v = randn(rng, 1, 4, 11, 8), randn(rng, 1, 2, 15, 8), randn(rng, 1, 2, 15, 8)
+    one = be.attention_scores(q, k, v, 0.3)[1]
+    for chunk in (1, 3, 4, 11, 64):
+        np.testing.assert_allclose(chunked_scores(be, q, k, v, 0.3, chunk=chunk), one, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ Token eviction (``HFCache(bits=4, policy="snapkv", budget=1024)``): kept tokens 
 positions (``get_seq_length`` counts every token seen, the attention mask gets the offset of
 the evicted ones). Policies that learn from attention (``h2o``, ``snapkv``) need the model's
 queries: load the model with ``attn_implementation="lmcache"`` (SDPA plus a hook that feeds
-the queries to ``lmcache.Cache.observe``). ``knorm``, ``window`` and ``sink`` need no hook.
+the queries to ``lmcache.Cache.observe``). ``knorm``, ``keydiff``, ``window`` and ``sink`` need no hook.
 """
 
 from __future__ import annotations

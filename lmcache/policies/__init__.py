@@ -1,4 +1,4 @@
-"""Policies: token eviction (window, sink, h2o, snapkv, knorm) and tier placement.
+"""Policies: token eviction (window, sink, h2o, snapkv, knorm, keydiff) and tier placement.
 
 Modules are imported on demand (``from lmcache.policies.placement import RecencyFrequency``);
 nothing is imported here so that ``import lmcache`` stays cheap.
@@ -9,6 +9,7 @@ _LAZY = {
     "Policy": "lmcache.policies.base", "get_policy": "lmcache.policies.base", "available": "lmcache.policies.base",
     "Window": "lmcache.policies.window", "Sink": "lmcache.policies.sink", "H2O": "lmcache.policies.h2o",
     "SnapKV": "lmcache.policies.snapkv", "KNorm": "lmcache.policies.knorm",
+    "KeyDiff": "lmcache.policies.keydiff",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 #: The statistics a cache can keep per kept token and KV head.
-STATISTICS = (None, "attention", "key_norm")
+STATISTICS = (None, "attention", "key_norm", "keys")
 
 # name -> (module, class)
 _REGISTRY = {
@@ -25,6 +25,7 @@ _REGISTRY = {
     "h2o": ("lmcache.policies.h2o", "H2O"),
     "snapkv": ("lmcache.policies.snapkv", "SnapKV"),
     "knorm": ("lmcache.policies.knorm", "KNorm"),
+    "keydiff": ("lmcache.policies.keydiff", "KeyDiff"),
 }
 
 
@@ -44,8 +45,9 @@ class Policy:
 
     Subclasses set ``name`` and ``statistic`` (``None``: no statistic; ``"attention"``: the
     attention mass each token received, summed over the query heads of its group and over
-    the queries that ``score_queries`` selects; ``"key_norm"``: the L2 norm of its key) and
-    implement ``scores``.
+    the queries that ``score_queries`` selects; ``"key_norm"``: the squared L2 norm of its key;
+    ``"keys"``: nothing kept between evictions, ``scores`` gets the held keys themselves,
+    float32 ``[B, H, n, D]``) and implement ``scores``.
     """
 
     name = "base"

@@ -42,7 +42,7 @@ class SnapKV(Policy):
     The choice is made when the prompt is attended (the first time a head exceeds
     ``budget + slack``). ``window``: newest tokens always kept; by default as many as the
     observation window. SnapKV needs the question: a prompt compressed before the question
-    is known keeps what its last filler sentences looked at (``knorm`` is for that case).
+    is known keeps what its last filler sentences looked at (``keydiff`` is for that case).
     """
 
     name = "snapkv"
