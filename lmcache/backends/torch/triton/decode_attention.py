@@ -247,14 +247,13 @@ def _field_scale(BITS: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
-                        skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
-                        T, QOFF, tiles_per_split, split_base, Hkv, M, L,
-                        D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
-                        GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                        VRED: tl.constexpr):
-    # One program: one query row (of M per KV head) of one (sequence, KV head), one split.
-    # Quantized sides are int32 words (strides in words); dense sides are float arrays.
+def _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+    """What a row-kernel program (one query row of M per KV head, one split) works on.
+
+    Returns ``(pid, split, bh, r, b, h, qpos, T, t_lo, t_hi)``: the program and split ids, the
+    (sequence, KV head) pair ``bh`` = ``b * Hkv + h``, the row ``r``, the last position that row
+    may see, the tokens of the segment (its sequence's, when ``PAGED``) and the split's tiles.
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     bh = pid // M
@@ -265,9 +264,48 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
     if PAGED:
         T = tl.load(len_ptr + b)
         qpos = qpos + T
-    n_tiles = tl.cdiv(T, BLOCK_N)
     t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(T, BLOCK_N))
+    return pid, split, bh, r, b, h, qpos, T, t_lo, t_hi
+
+
+@triton.jit
+def _online_softmax(s, m_i, acc, acc_lo, l_s):
+    """One tile's base-2 scores ``s`` into a row's running softmax; returns ``(p, m_i, acc, acc_lo, l_s)``.
+
+    The accumulators (per token slot) are rescaled only when the running max grows.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    if m_new > m_i:
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha
+        acc_lo = acc_lo * alpha
+        l_s = l_s * alpha
+        m_i = m_new
+    p = tl.math.exp2(s - m_i)
+    return p, m_i, acc, acc_lo, l_s + p
+
+
+@triton.jit
+def _store_row_stats(m_ptr, l_ptr, split_base, split, bh, M, r, m_i, l_s):
+    """Store a row-kernel split's max and sum (``l_s`` per token slot); return its partial-result index."""
+    ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
+    tl.store(m_ptr + ps_idx * M + r, m_i)
+    tl.store(l_ptr + ps_idx * M + r, tl.sum(l_s, axis=0))
+    return ps_idx
+
+
+@triton.jit
+def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
+                        skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+                        T, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                        D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
+                        GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                        VRED: tl.constexpr):
+    # One program: one query row (of M per KV head) of one (sequence, KV head), one split.
+    # Quantized sides are int32 words (strides in words); dense sides are float arrays.
+    pid, split, bh, r, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
+                                                                BLOCK_N, PAGED)
     offs_n = tl.arange(0, BLOCK_N)
 
     PKW: tl.constexpr = 32 // KBITS if KBITS > 0 else 1
@@ -327,15 +365,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         s = tl.where(ok, s, float("-inf"))
 
         # ---- online softmax, one running output per token slot; rescale only when the max grows
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        if m_new > m_i:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha
-            acc_lo = acc_lo * alpha
-            l_s = l_s * alpha
-            m_i = m_new
-        p = tl.math.exp2(s - m_i)
-        l_s = l_s + p
+        p, m_i, acc, acc_lo, l_s = _online_softmax(s, m_i, acc, acc_lo, l_s)
 
         # ---- values
         if VBITS > 0 and VRED:
@@ -365,10 +395,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
             acc = acc + p[:, None] * vd.to(tl.float32)
 
     # ---- this split's partial result: reduce the token slots once
-    bhs = tl.num_programs(0) // M
-    ps_idx = (split_base + split) * bhs + bh
-    tl.store(m_ptr + ps_idx * M + r, m_i)
-    tl.store(l_ptr + ps_idx * M + r, tl.sum(l_s, axis=0))
+    ps_idx = _store_row_stats(m_ptr, l_ptr, split_base, split, bh, M, r, m_i, l_s)
     o_base = o_ptr + (ps_idx * M + r) * D
     if VBITS > 0 and VRED:
         o = acc * _field_scale(VBITS, PVW)[:, None] + acc_lo[None, :]
@@ -432,25 +459,31 @@ def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, a_ptr, bias_ptr, tbl_ptr, len_pt
     if PAGED:
         T = tl.load(len_ptr + b)
     if g * GK < T:
-        n0 = g * GK
-        if PAGED:
-            row = tl.load(tbl_ptr + b * stbl_b + n0 // PAGE).to(tl.int64)
-            loc = n0 % PAGE
-        else:
-            row = b.to(tl.int64)
-            loc = n0
+        loc, _, ks_base, _, _ = _tile_bases(g * GK, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED, PAGE)
         PK: tl.constexpr = 32 // KBITS
         WK: tl.constexpr = D // PK
         E: tl.constexpr = 20 if KBITS == 2 else (16 if KBITS == 4 else 15)  # as in _field_hi
         j = tl.arange(0, PK)[:, None]
         w = tl.arange(0, WK)[None, :]
         ch = w * PK + j
-        off = row * sks_b + h * sks_h + (loc // GK) * sks_t + ch
+        off = ks_base + (loc // GK) * sks_t + ch
         q = tl.load(q_ptr + pid * D + ch)
         a = q * tl.load(ks_ptr + off).to(tl.float32) * (1.0 / (1 << E))
         tl.store(a_ptr + (pid * G + g) * D + j * WK + w, a)
         bias = tl.sum(tl.sum(q * tl.load(kl_ptr + off).to(tl.float32) - 8388608.0 * a, axis=1), axis=0)
         tl.store(bias_ptr + pid * G + g, bias)
+
+
+@triton.jit
+def _tile_words(n0, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                wk, wv3, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """The int32 code words of the tile at token ``n0``: keys [N, WK], values [N, WV, 1]; zeros from ``end`` on."""
+    loc, k_base, _, v_base, _ = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, 0, 0,
+                                            PAGED, PAGE)
+    ok = (n0 + offs_n)[:, None] < end
+    kw = tl.load(kc_ptr + k_base + (loc + offs_n)[:, None] * skc_t + wk, mask=ok, other=0)
+    vw = tl.load(vc_ptr + v_base + (loc + offs_n)[:, None, None] * svc_t + wv3, mask=ok[:, :, None], other=0)
+    return kw, vw
 
 
 @triton.jit
@@ -466,19 +499,8 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
     # operands load as one vector in the words' layout; score = sum_j field_j * a_j + bias
     # with no per-code subtraction (see _field_hi). Values: one running output per token slot
     # (no reduction across threads in the loop), the constant of _field_hi folded into lo.
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    bh = pid // M
-    r = pid % M
-    b = bh // Hkv
-    h = bh % Hkv
-    qpos = QOFF + r % L
-    if PAGED:
-        T = tl.load(len_ptr + b)
-        qpos = qpos + T
-    n_tiles = tl.cdiv(T, BLOCK_N)
-    t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    pid, split, bh, r, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
+                                                                BLOCK_N, PAGED)
     offs_n = tl.arange(0, BLOCK_N)
 
     PK: tl.constexpr = 32 // KBITS
@@ -495,32 +517,22 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
     acc = tl.zeros([BLOCK_N, WV, PV], tl.float32)
     acc_lo = tl.zeros([BLOCK_N, WV], tl.float32)
 
-    loc, k_base, _, v_base, vs_base = _tile_bases(t_lo * BLOCK_N, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0,
-                                                  svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
     end = tl.minimum(T, t_hi * BLOCK_N)  # this split's last token + 1
     if PREFETCH:
-        ok0 = (t_lo * BLOCK_N + offs_n)[:, None] < end
-        kw_n = tl.load(kc_ptr + k_base + (loc + offs_n)[:, None] * skc_t + wk, mask=ok0, other=0)
-        vw_n = tl.load(vc_ptr + v_base + (loc + offs_n)[:, None, None] * svc_t + wv3, mask=ok0[:, :, None], other=0)
+        kw_n, vw_n = _tile_words(t_lo * BLOCK_N, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
+                                 skc_t, svc_b, svc_h, svc_t, wk, wv3, PAGED, PAGE)
     for tile in range(t_lo, t_hi):
         n0 = tile * BLOCK_N
         tok_ok = (n0 + offs_n)[:, None] < T
-        if PREFETCH:
+        if PREFETCH:  # this tile's words came with the last one; load the next tile's now
             kw = kw_n
             vw = vw_n
-            n1 = n0 + BLOCK_N
-            loc1, k_base1, _, v_base1, _ = _tile_bases(n1, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h,
-                                                       svs_b, svs_h, PAGED, PAGE)
-            ok1 = (n1 + offs_n)[:, None] < end
-            kw_n = tl.load(kc_ptr + k_base1 + (loc1 + offs_n)[:, None] * skc_t + wk, mask=ok1, other=0)
-            vw_n = tl.load(vc_ptr + v_base1 + (loc1 + offs_n)[:, None, None] * svc_t + wv3, mask=ok1[:, :, None],
-                           other=0)
-        loc, k_base, _, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0,
-                                                      svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
-        if not PREFETCH:
-            kw = tl.load(kc_ptr + k_base + (loc + offs_n)[:, None] * skc_t + wk, mask=tok_ok, other=0)
-            vw = tl.load(vc_ptr + v_base + (loc + offs_n)[:, None, None] * svc_t + wv3, mask=tok_ok[:, :, None],
-                         other=0)
+            kw_n, vw_n = _tile_words(n0 + BLOCK_N, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
+                                     skc_t, svc_b, svc_h, svc_t, wk, wv3, PAGED, PAGE)
+        else:
+            kw, vw = _tile_words(n0, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b,
+                                 svc_h, svc_t, wk, wv3, PAGED, PAGE)
+        loc, _, _, _, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0, svs_b, svs_h, PAGED, PAGE)
 
         # ---- scores, base 2 (q carries scale * log2 e); a tile lies inside one key group
         a_row = a_ptr + (pid * G + n0 // GK) * D + wk
@@ -531,15 +543,7 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
         s = tl.where(((n0 + offs_n) < T) & ((n0 + offs_n) <= qpos), s, float("-inf"))
 
         # ---- online softmax, one running output per token slot; rescale only when the max grows
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        if m_new > m_i:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha
-            acc_lo = acc_lo * alpha
-            l_s = l_s * alpha
-            m_i = m_new
-        p = tl.math.exp2(s - m_i)
-        l_s = l_s + p
+        p, m_i, acc, acc_lo, l_s = _online_softmax(s, m_i, acc, acc_lo, l_s)
 
         # ---- values: p @ (c * s + lo) = (p * s) @ c + p @ lo per group, minus the constant of _field_hi
         vs_off = vs_base + (loc + offs_n)[:, None] * svs_t + gv
@@ -550,10 +554,7 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
         ps = ps * (1.0 / (1 << EV))
         acc += _fields_hi(vw, VBITS, PV, magic) * ps[:, :, None]
 
-    bhs = tl.num_programs(0) // M
-    ps_idx = (split_base + split) * bhs + bh
-    tl.store(m_ptr + ps_idx * M + r, m_i)
-    tl.store(l_ptr + ps_idx * M + r, tl.sum(l_s, axis=0))
+    ps_idx = _store_row_stats(m_ptr, l_ptr, split_base, split, bh, M, r, m_i, l_s)
     o = tl.sum(acc, axis=0) + tl.sum(acc_lo, axis=0)[:, None]  # [WV, PV]
     tl.store(o_ptr + (ps_idx * M + r) * D + tl.arange(0, WV)[:, None] * PV + tl.arange(0, PV)[None, :], o)
 
