@@ -99,17 +99,17 @@ def _reference(q, segs):
     return _f32(NB.attention(_f32(_np(q)), _f32(k), _f32(v), 1 / np.sqrt(q.shape[-1])))
 
 
-# Kernel variants: the row kernel (values reduced per tile, or per token slot) and the
-# matrix-unit kernel, forced whatever the number of query rows.
+# Kernel variants, forced whatever the number of query rows: the row kernel at two launch
+# settings, the qrows kernel with and without prefetch, and the matrix-unit kernel.
 VARIANTS = {"rows": {"rows_max": 1 << 20,
-                     "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "vred": True, "qrows": False}},
+                     "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "qrows": False}},
             "rows-slots": {"rows_max": 1 << 20,
-                           "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": False}},
+                           "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": False}},
             "qrows": {"rows_max": 1 << 20,
-                      "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+                      "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
                       "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 16, "prefetch": True}},
             "qrows-64": {"rows_max": 1 << 20,
-                         "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+                         "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
                          "qrows": {"num_warps": 2, "num_stages": 2, "block_n": 64, "prefetch": False}},
             "dot": {"rows_max": 0}}
 

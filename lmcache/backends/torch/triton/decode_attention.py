@@ -20,10 +20,9 @@ the exponent of 2**23 is the float ``2**23 + code * 2**e``; subtracting 2**23 le
 ``code * 2**e`` exactly, and the power of two is folded into the query (keys) or applied
 once at the end (values). Keys go one field at a time through a chain of fused
 multiply-adds, ``q . (c * s + lo) = (q * s) . c + q . lo`` (a tile lies inside one key group).
-Values: with ``vred=False`` (the measured default) each of the ``BLOCK_N`` token slots of a
-tile keeps its own running output, so the loop never reduces across threads except for one
-max per tile; with ``vred=True`` the tile is reduced over its tokens every time. The
-accumulators are rescaled only when the running max grows.
+Values: each of the ``BLOCK_N`` token slots of a tile keeps its own running output, so the
+loop never reduces across threads except for one max per tile (reducing every tile over its
+tokens measured 1.7x slower). The accumulators are rescaled only when the running max grows.
 
 ``_decode_kernel`` (many query rows: grouped heads x several query tokens): one program
 handles one (sequence, KV head) pair, every query row of that head (padded to 16 for the
@@ -68,7 +67,7 @@ _MIN_TILES_PER_SPLIT = 8
 CONFIG = {
     "programs_per_sm": 64,
     "rows_max": 2,  # query rows per KV head up to which the row kernels run
-    "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "vred": False, "qrows": True},
+    "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
     # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows"
     "qrows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "prefetch": False},
     "qrows8": {"num_warps": 4, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
@@ -300,8 +299,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
                         skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                         T, QOFF, tiles_per_split, split_base, Hkv, M, L,
                         D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
-                        GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                        VRED: tl.constexpr):
+                        GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     # One program: one query row (of M per KV head) of one (sequence, KV head), one split.
     # Quantized sides are int32 words (strides in words); dense sides are float arrays.
     pid, split, bh, r, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
@@ -317,12 +315,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         q = tl.load(q_ptr + pid * D + kchan)
     m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), axis=0)
     l_s = tl.zeros([BLOCK_N], tl.float32)
-    if VBITS > 0 and VRED:  # values reduced over the tile's tokens every tile
-        acc = tl.zeros([PVW, WVW], tl.float32)
-        acc_lo = tl.zeros([WVW], tl.float32)
-        wv = tl.arange(0, WVW)
-        gv = (wv * PVW) // GV
-    elif VBITS > 0:  # one running output per token slot, reduced once at the end
+    if VBITS > 0:  # one running output per token slot, reduced once at the end
         acc = tl.zeros([BLOCK_N, PVW, WVW], tl.float32)
         acc_lo = tl.zeros([BLOCK_N, WVW], tl.float32)
         wv = tl.arange(0, WVW)
@@ -368,21 +361,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         p, m_i, acc, acc_lo, l_s = _online_softmax(s, m_i, acc, acc_lo, l_s)
 
         # ---- values
-        if VBITS > 0 and VRED:
-            vw = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + wv[None, :], mask=tok_ok[:, None], other=0)
-            vs_off = vs_base + tok[:, None] * svs_t + gv[None, :]
-            sv = tl.load(vs_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-            lv = tl.load(vl_ptr + vs_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-            ps = p[:, None] * sv
-            acc_lo += tl.sum(p[:, None] * lv, axis=0)
-            jj = tl.arange(0, PVW)
-            for j in tl.static_range(PVW):
-                sh = j * VBITS + VBITS - 23 if j * VBITS + VBITS > 23 else 0
-                e = j * VBITS - sh
-                fj = (((vw >> sh) & ((2 ** VBITS - 1) << e)) | _MAGIC).to(tl.float32, bitcast=True) - _MAGIC_F
-                red = tl.sum(fj * ps, axis=0)
-                acc += tl.where(jj[:, None] == j, red[None, :], 0.0)
-        elif VBITS > 0:
+        if VBITS > 0:
             vw = tl.load(vc_ptr + v_base + tok[:, None] * svc_t + wv[None, :], mask=tok_ok[:, None], other=0)
             cv = _fields(vw, VBITS, PVW)  # [N, PVW, WVW]
             vs_off = vs_base + tok[:, None] * svs_t + gv[None, :]
@@ -397,10 +376,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
     # ---- this split's partial result: reduce the token slots once
     ps_idx = _store_row_stats(m_ptr, l_ptr, split_base, split, bh, M, r, m_i, l_s)
     o_base = o_ptr + (ps_idx * M + r) * D
-    if VBITS > 0 and VRED:
-        o = acc * _field_scale(VBITS, PVW)[:, None] + acc_lo[None, :]
-        tl.store(o_base + wv[None, :] * PVW + tl.arange(0, PVW)[:, None], o)
-    elif VBITS > 0:
+    if VBITS > 0:
         o = tl.sum(acc, axis=0) * _field_scale(VBITS, PVW)[:, None] + tl.sum(acc_lo, axis=0)[None, :]
         tl.store(o_base + wv[None, :] * PVW + tl.arange(0, PVW)[:, None], o)
     else:
@@ -672,7 +648,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     elif rows:
         _decode_rows_kernel[(bh * m_rows, n_splits)](
             *common, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1], GV=vb[0][1], BLOCK_N=block_n,
-            PAGED=paged is not None, PAGE=page, VRED=cfg["vred"], num_warps=cfg["num_warps"],
+            PAGED=paged is not None, PAGE=page, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     else:
         _decode_kernel[(bh, n_splits)](
