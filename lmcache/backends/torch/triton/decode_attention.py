@@ -57,7 +57,7 @@ _LOG2E = 1.4426950408889634
 # long sequence still fills the GPU), each streaming at least this many tiles.
 _MIN_TILES_PER_SPLIT = 8
 # Launch settings, measured on one H200 (bench/decode_attention.py, torch 2.11, Triton 3.6,
-# 2026-11-28; bench/results/decode_attention-NVIDIA-H200.json). Batch 16 x 40 heads x 32K tokens,
+# 2026-11-28; the sweep in bench/results/decode_attention-NVIDIA-H200-sweep.json). Batch 16 x 40 heads x 32K tokens,
 # one query row per KV head. 4-bit: the qrows kernel with 1 warp, 16-token tiles and 64 programs
 # per SM took 1.79 ms without prefetch (two pipeline stages), 1.82 ms with it; 8-token tiles 1.94,
 # 2 warps / 32 tokens 2.06; the older row kernel 3.56 ms. 8-bit: 4 warps / 32 tokens 2.56 ms
