@@ -102,9 +102,10 @@ def check(segs, q, scale) -> float:
 def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
-    4-bit caches use ``CONFIG["qrows"]``, caches with 8-bit codes ``CONFIG["qrows8"]``: each is
-    tried at several tile sizes, warps and prefetch settings, then programs per SM (shared,
-    chosen on 4-bit). The older row kernel runs once on each, for reference.
+    4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the matrix-unit kernel of
+    ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
+    sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The
+    older row kernel runs once on each, for reference.
     """
     trials = []
 
@@ -124,13 +125,13 @@ def sweep(caches, q, scale) -> dict:
         trials.append(res)
         return res
 
-    def settings(nw, bn, pf, st):
-        return {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st}
+    def settings(nw, bn, pf, st, mma=False):
+        return {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st, "mma": mma}
 
-    grids = {4: [(1, 16, True, 1), (1, 8, True, 1), (1, 8, False, 2), (1, 16, False, 2), (2, 32, True, 1),
-                 (1, 32, True, 1)],
-             8: [(4, 32, True, 1), (2, 32, True, 1), (2, 16, True, 1), (4, 64, True, 1), (8, 64, True, 1),
-                 (1, 8, True, 1)]}
+    grids = {4: [(1, 16, True, 1, True), (1, 16, False, 1, True), (1, 8, True, 1), (1, 8, False, 2), (1, 16, True, 1),
+                 (1, 16, False, 2), (1, 32, False, 2)],
+             8: [(2, 32, True, 1), (4, 32, True, 1), (4, 32, False, 2), (2, 16, True, 1), (2, 16, False, 2),
+                 (8, 64, True, 1)]}
     if DEV != "cuda":
         grids = {4: [(1, 16, True, 1)], 8: [(2, 16, True, 1)]}
     best = {}
@@ -152,18 +153,22 @@ def sweep(caches, q, scale) -> dict:
 def bench_quantize(bw: float) -> dict:
     """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits.
 
-    First tries 2, 4 and 8 warps per program for each kernel on 4-bit codes and keeps the best.
+    First tries launch settings of each kernel (warps; channels per program for keys) on 4-bit
+    codes and keeps the best.
     """
     k = torch.randn(1, HEADS, PREFILL, HEAD_DIM, dtype=torch.float16, device=DEV)
     v = torch.randn_like(k)
     tried = {}
+    grids = {"keys": [{"keys_warps": nw, "keys_channels": dc} for nw, dc in
+                      ((2, 128), (4, 128), (1, 64), (2, 64), (1, 32), (2, 32))],
+             "values": [{"values_warps": nw} for nw in (2, 4, 8)]}
     for side, x, spec in (("keys", k, QuantSpec(4, GROUP, -2)), ("values", v, QuantSpec(4, GROUP, -1))):
-        for nw in (2, 4, 8) if DEV == "cuda" else (4,):
-            qz.CONFIG[f"{side}_warps"] = nw
-            tried[f"{side}_warps={nw}"] = timed(quantize, x, spec)
-        qz.CONFIG[f"{side}_warps"] = min((2, 4, 8) if DEV == "cuda" else (4,),
-                                         key=lambda nw: tried[f"{side}_warps={nw}"])
-    print(f"quantize warps: {tried} -> {qz.CONFIG}", flush=True)
+        for cfg in grids[side] if DEV == "cuda" else grids[side][:1]:
+            qz.CONFIG.update(cfg)
+            tried[",".join(f"{a}={b}" for a, b in cfg.items())] = (timed(quantize, x, spec), cfg)
+        qz.CONFIG.update(min((t for name, t in tried.items() if name.startswith(side)), key=lambda t: t[0])[1])
+    tried = {name: t[0] for name, t in tried.items()}
+    print(f"quantize settings: {tried} -> {qz.CONFIG}", flush=True)
     quant = {"warps_tried_ms": tried, "config": dict(qz.CONFIG)}
     for bits in (4, 8):
         ks, vs = QuantSpec(bits, GROUP, -2), QuantSpec(bits, GROUP, -1)

@@ -26,6 +26,7 @@ from lmcache.backends import get_backend  # noqa: E402
 from lmcache.backends.base import QuantBlock  # noqa: E402
 from lmcache.backends.torch import ops  # noqa: E402
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
+from lmcache.backends.torch.triton import decode_mma  # noqa: E402
 from lmcache.backends.torch.triton.dequantize import dequantize  # noqa: E402
 from lmcache.backends.torch.triton.quantize import quantize, supported  # noqa: E402
 from lmcache.quant import QuantSpec  # noqa: E402
@@ -107,11 +108,14 @@ VARIANTS = {"rows": {"rows_max": 1 << 20,
                            "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": False}},
             "qrows": {"rows_max": 1 << 20,
                       "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
-                      "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 16, "prefetch": True}},
+                      "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 16, "prefetch": True, "mma": False}},
             "qrows-64": {"rows_max": 1 << 20,
                          "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
-                         "qrows": {"num_warps": 2, "num_stages": 2, "block_n": 64, "prefetch": False}},
+                         "qrows": {"num_warps": 2, "num_stages": 2, "block_n": 64, "prefetch": False, "mma": False}},
             "dot": {"rows_max": 0}}
+if DEVICE != "cpu":  # the matrix-unit row kernel (inline PTX) runs compiled only
+    VARIANTS["mma"] = {"rows_max": 1 << 20, "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
+                       "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 8, "prefetch": True, "mma": True}}
 
 
 def _use(monkeypatch, name: str) -> None:
@@ -192,3 +196,23 @@ def test_decode_attention_long_sequence_on_gpu(variant):
     out = da.decode_attention(q, segs, 128 ** -0.5)
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 2e-3, err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hkv,L,n_res,blocks", [(3, 1, 37, 2), (1, 2, 5, 1), (2, 7, 0, 3)])
+def test_mma_kernel_matches_numpy(rng, monkeypatch, dtype, hkv, L, n_res, blocks):
+    """The matrix-unit row kernel at odd sizes: 3 or 1 query heads per KV head, 1/2/7 query
+    tokens (7: inside the last block, no residual), residuals that are not a multiple of 16."""
+    if DEVICE == "cpu":
+        pytest.skip("inline PTX: needs a GPU")
+    _use(monkeypatch, "mma")
+    calls = []
+    launch = decode_mma.launch
+    monkeypatch.setattr(decode_mma, "launch", lambda *a: calls.append(1) or launch(*a))
+    segs = _cache(rng, 2, hkv, 64 * 11, n_res, 128, 4, 4, 64, dtype, blocks=blocks)
+    hq = 3 * hkv if L == 1 else hkv
+    q = torch.from_numpy(rng.standard_normal((2, hq, L, 128)).astype(np.float32)).to(dtype).to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert len(calls) == blocks
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])

@@ -1,17 +1,21 @@
 """Fused decode attention over the compressed cache, split along the sequence (flash-decoding).
 
-Three kernels over the same partial-result format, all reading the packed codes where they
-lie (never writing a dequantized copy of the cache):
+Kernels over the same partial-result format, all reading the packed codes where they lie
+(never writing a dequantized copy of the cache). The common decode step on NVIDIA GPUs, 4-bit
+K and V at head dim 128 and a few query rows per KV head, goes to the matrix-unit kernel of
+``decode_mma``; the three here take the rest:
 
 ``_decode_qrows_kernel`` (a few query rows per KV head over a segment quantized on both sides,
-the common decode step; float16/bfloat16 scales): one program per query row and split. A small
+float16/bfloat16 scales, the layouts decode_mma does not take): one program per query row and split. A small
 ``_key_operands_kernel`` first writes, per query row and key group, the scaled query
-``a = q * scale * 2**-e`` field-major (each field's operands load as one vector in the layout of
-the code words) and the group's constant. Each field is shifted to bit ``e`` high in the
-mantissa and OR-ed into the bits of 2**23 (``_field_hi``): the float is ``2**23 + code * 2**e``,
-so ``a * field = q * scale * (2**(23 - e) + code)`` and the ``2**(23 - e)`` terms come off once
-per group (keys) or through the offsets (values) instead of once per code: a shift, one LOP3
-and one fused multiply-add per code. Values keep one running output per token slot.
+``a = q * scale * 2**-e_j`` field-major (each field's operands load as one vector in the layout
+of the code words) and the group's constant. Fields are shifted, a run of neighbours at a time,
+to bits ``e_j`` high in the mantissa and OR-ed into the bits of 2**23 (``_field_hi``): the float
+is ``2**23 + code * 2**e_j``, so ``a * field = q * scale * (2**(23 - e_j) + code)`` and the
+constants come off once per group (keys) or once per split (values) instead of once per code:
+one LOP3 and one fused multiply-add per code, and a shift per run (3 per 4-bit word for keys,
+4 for values). Values keep one running output per token slot; a tile's scales load with its
+words when the next tile is prefetched.
 
 ``_decode_rows_kernel`` (the same rows over segments with a dense side, or float32 scales): one program
 per query row and split, no matrix units. Codes are read as 32-bit words and turned into
@@ -57,20 +61,23 @@ _LOG2E = 1.4426950408889634
 # long sequence still fills the GPU), each streaming at least this many tiles.
 _MIN_TILES_PER_SPLIT = 8
 # Launch settings, measured on one H200 (bench/decode_attention.py, torch 2.11, Triton 3.6,
-# 2026-11-28; the sweep in bench/results/decode_attention-NVIDIA-H200-sweep.json). Batch 16 x 40 heads x 32K tokens,
-# one query row per KV head. 4-bit: the qrows kernel with 1 warp, 16-token tiles and 64 programs
-# per SM took 1.79 ms without prefetch (two pipeline stages), 1.82 ms with it; 8-token tiles 1.94,
-# 2 warps / 32 tokens 2.06; the older row kernel 3.56 ms. 8-bit: 4 warps / 32 tokens 2.56 ms
-# (2 warps / 16 tokens 2.74; the row kernel 3.63). Matrix-unit kernel: 4 warps, no pipelining,
-# 64-token tiles; it runs from 3 query rows per KV head (GQA 40/8, 4 query tokens: 3.30 ms, the
-# row kernel 6.02 ms).
+# 2026-11-28; its sweep is in bench/results/decode_attention-NVIDIA-H200.json, the same-process
+# comparison with the previous kernels in decode_attention-ab-NVIDIA-H200.json). Batch 16 x 40
+# heads x 32K tokens, one query row per KV head. 4-bit: the matrix-unit kernel (decode_mma)
+# 1.48 ms with 128 programs per SM (1.62 with 64; with prefetch 1.73), the qrows kernel at its
+# best 1.84 ms (1 warp, 8-token tiles), the previous qrows kernel 1.83-2.0 ms, the row kernel
+# 3.7 ms. 8-bit: qrows with 2 warps / 32 tokens and prefetch 2.28 ms (4 warps 2.38; the
+# previous kernel 2.57). Matrix-unit kernel for many rows: 4 warps, no pipelining, 64-token
+# tiles; it runs from 3 query rows per KV head (GQA 40/8, 4 query tokens: 3.25 ms, the row
+# kernel 5.0 ms).
 CONFIG = {
-    "programs_per_sm": 64,
+    "programs_per_sm": 128,
     "rows_max": 2,  # query rows per KV head up to which the row kernels run
     "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
-    # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows"
-    "qrows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "prefetch": False},
-    "qrows8": {"num_warps": 4, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
+    # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows";
+    # "mma": 4-bit K and V with head dim 128 take decode_mma's matrix-unit kernel instead
+    "qrows": {"num_warps": 1, "num_stages": 2, "block_n": 8, "prefetch": False, "mma": True},
+    "qrows8": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
@@ -269,12 +276,13 @@ def _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _online_softmax(s, m_i, acc, acc_lo, l_s):
-    """One tile's base-2 scores ``s`` into a row's running softmax; returns ``(p, m_i, acc, acc_lo, l_s)``.
+def _online_softmax(s, s_max, m_i, acc, acc_lo, l_s):
+    """One tile's base-2 scores ``s`` (any shape; ``s_max`` their max) into a row's running softmax.
 
-    The accumulators (per token slot) are rescaled only when the running max grows.
+    Returns ``(p, m_i, acc, acc_lo, l_s)``; the accumulators are rescaled only when the running
+    max grows.
     """
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_new = tl.maximum(m_i, s_max)
     if m_new > m_i:
         alpha = tl.math.exp2(m_i - m_new)
         acc = acc * alpha
@@ -358,7 +366,7 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
         s = tl.where(ok, s, float("-inf"))
 
         # ---- online softmax, one running output per token slot; rescale only when the max grows
-        p, m_i, acc, acc_lo, l_s = _online_softmax(s, m_i, acc, acc_lo, l_s)
+        p, m_i, acc, acc_lo, l_s = _online_softmax(s, tl.max(s, axis=0), m_i, acc, acc_lo, l_s)
 
         # ---- values
         if VBITS > 0:
@@ -384,67 +392,92 @@ def _decode_rows_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o
 
 
 @triton.jit
-def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr, magic):
-    """Field ``j`` of int32 ``words`` as the float ``2**23 + code * 2**e`` (e = 20, 16, 15 for 2, 4, 8 bits).
+def _field_hi(words, j: tl.constexpr, BITS: tl.constexpr, ELO: tl.constexpr, magic):
+    """Field ``j`` of int32 ``words`` as the float ``2**23 + code * 2**e_j``, e_j in [ELO, 23 - BITS].
 
-    The field is moved to bit ``e`` (one shift, none for the field already there) and OR-ed
-    into the bits of 2**23: scaled by ``2**-e`` that is ``2**(23 - e) + code``, whose constant
-    the caller removes once per tile instead of once per code. ``magic`` is 0x4B000000 passed in
-    at run time: a constant would be a second immediate, which one LOP3 cannot take, and the
-    mask and the OR would cost two instructions per code instead of one.
+    Fields go in runs of ``R = (23 - BITS - ELO) // BITS + 1`` neighbours: one shift moves a
+    run to bits ELO, ELO + BITS, ... (``e_j = ELO + (j % R) * BITS``), so the eight fields of a
+    4-bit word cost 3 shifts for ELO = 11 instead of 7. The field is OR-ed into the bits of
+    2**23: scaled by ``2**-e_j`` that is ``2**(23 - e_j) + code``, whose constant the caller
+    removes once per tile instead of once per code; ELO bounds that constant, hence the
+    rounding it brings. ``magic`` is 0x4B000000 passed in at run time: a constant would be a
+    second immediate, which one LOP3 cannot take (two instructions per code instead of one).
     """
-    E: tl.constexpr = 20 if BITS == 2 else (16 if BITS == 4 else 15)  # high in the mantissa: 2**(23 - E) is small
-    OFF: tl.constexpr = j * BITS
-    if OFF > E:
-        x = words >> (OFF - E)
-    elif OFF < E:
-        x = words << (E - OFF)
+    R: tl.constexpr = (23 - BITS - ELO) // BITS + 1
+    S: tl.constexpr = (j // R) * R * BITS - ELO  # this run's right shift (negative: left)
+    E: tl.constexpr = ELO + (j - (j // R) * R) * BITS  # not j % R: the interpreter's int j has no % constexpr
+    if S > 0:
+        x = words >> S
+    elif S < 0:
+        x = words << (-S)
     else:
         x = words
     return ((x & ((2 ** BITS - 1) << E)) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr, magic):
-    """Every field of int32 ``words`` [N, W, 1] as in ``_field_hi`` (``magic`` too): floats [N, W, PW].
+def _fields_hi(words, BITS: tl.constexpr, PW: tl.constexpr, ELO: tl.constexpr, magic):
+    """Every field of int32 ``words`` [N, W, 1] as in ``_field_hi``: floats [N, W, PW].
 
     The field axis is last and the words arrive with it (of size one), so the fields stay
     in the thread, in the layout the words were loaded in.
     """
-    E: tl.constexpr = 20 if BITS == 2 else (16 if BITS == 4 else 15)  # as in _field_hi
-    off = tl.arange(0, PW)[None, None, :] * BITS
-    left = tl.maximum(E - off, 0)
-    right = tl.maximum(off - E, 0)
-    x = (words << left) >> right  # the sign bits an arithmetic shift brings in lie above the field
-    return ((x & ((2 ** BITS - 1) << E)) | magic).to(tl.float32, bitcast=True)
+    R: tl.constexpr = (23 - BITS - ELO) // BITS + 1
+    j = tl.arange(0, PW)[None, None, :]
+    sh = (j // R) * (R * BITS) - ELO  # as in _field_hi
+    x = (words << tl.maximum(-sh, 0)) >> tl.maximum(sh, 0)  # sign bits an arithmetic shift brings lie above
+    mask = tl.full(j.shape, 2 ** BITS - 1, tl.int32) << _field_exp(j, BITS, ELO)
+    return ((x & mask) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _field_exp(j, BITS: tl.constexpr, ELO: tl.constexpr):
+    """``e_j`` of ``_field_hi`` for int32 field indices ``j`` (a tensor)."""
+    return (j % ((23 - BITS - ELO) // BITS + 1)) * BITS + ELO  # tensor first: constexpr + tensor stays constexpr
+
+
+@triton.jit
+def _pow2(e):
+    """``2**e`` as float32 for int32 ``e`` in [-126, 127], exactly (built from exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_program(T, Hkv, M, len_ptr, tbl_ptr, stbl_b, sks_b, sks_h, GK: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE: tl.constexpr):
+    """What a key-operand program (one query row ``pid``, one key group ``g``) works on.
+
+    Returns ``(pid, g, live, loc, ks_base)``: ``live`` when the group holds tokens, and where its
+    key scales lie (see ``_tile_bases``).
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = (pid // M) // Hkv
+    if PAGED:
+        T = tl.load(len_ptr + b)
+    loc, _, ks_base, _, _ = _tile_bases(g * GK, b, (pid // M) % Hkv, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0,
+                                        PAGED, PAGE)
+    return pid, g, g * GK < T, loc, ks_base
 
 
 @triton.jit
 def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, a_ptr, bias_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
                          T, G, Hkv, M, D: tl.constexpr, KBITS: tl.constexpr, GK: tl.constexpr,
-                         PAGED: tl.constexpr, PAGE: tl.constexpr):
-    # One program: one query row, one key group. a = q * scale * 2**-e (float32, field-major:
+                         PAGED: tl.constexpr, PAGE: tl.constexpr, ELK: tl.constexpr):
+    # One program: one query row, one key group. a = q * scale * 2**-e_j (float32, field-major:
     # the j-th field of every word is contiguous, so the decode kernel loads each field's
     # operands as one vector in the layout of its code words) and bias = q . lo - 2**23 * sum(a),
     # the constant of _field_hi folded in.
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    bh = pid // M
-    b = bh // Hkv
-    h = bh % Hkv
-    if PAGED:
-        T = tl.load(len_ptr + b)
-    if g * GK < T:
-        loc, _, ks_base, _, _ = _tile_bases(g * GK, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED, PAGE)
+    pid, g, live, loc, ks_base = _group_program(T, Hkv, M, len_ptr, tbl_ptr, stbl_b, sks_b, sks_h, GK, PAGED, PAGE)
+    if live:
         PK: tl.constexpr = 32 // KBITS
         WK: tl.constexpr = D // PK
-        E: tl.constexpr = 20 if KBITS == 2 else (16 if KBITS == 4 else 15)  # as in _field_hi
         j = tl.arange(0, PK)[:, None]
         w = tl.arange(0, WK)[None, :]
         ch = w * PK + j
         off = ks_base + (loc // GK) * sks_t + ch
         q = tl.load(q_ptr + pid * D + ch)
-        a = q * tl.load(ks_ptr + off).to(tl.float32) * (1.0 / (1 << E))
+        a = q * tl.load(ks_ptr + off).to(tl.float32) * _pow2(-_field_exp(j, KBITS, ELK))
         tl.store(a_ptr + (pid * G + g) * D + j * WK + w, a)
         bias = tl.sum(tl.sum(q * tl.load(kl_ptr + off).to(tl.float32) - 8388608.0 * a, axis=1), axis=0)
         tl.store(bias_ptr + pid * G + g, bias)
@@ -463,12 +496,22 @@ def _tile_words(n0, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, s
 
 
 @triton.jit
+def _tile_scales(n0, end, b, h, offs_n, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svs_b, svs_h, svs_t, gv,
+                 PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """The value scales and offsets [N, WV] of the tile at token ``n0``, as stored; zeros from ``end`` on."""
+    loc, _, _, _, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0, svs_b, svs_h, PAGED, PAGE)
+    ok = (n0 + offs_n)[:, None] < end
+    vs_off = vs_base + (loc + offs_n)[:, None] * svs_t + gv
+    return tl.load(vs_ptr + vs_off, mask=ok, other=0.0), tl.load(vl_ptr + vs_off, mask=ok, other=0.0)
+
+
+@triton.jit
 def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
                          len_ptr, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                          T, G, QOFF, tiles_per_split, split_base, Hkv, M, L, magic,
                          D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr,
                          GV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr, ELK: tl.constexpr, ELV: tl.constexpr):
     # One program: one query row (of M per KV head) of one (sequence, KV head), one split,
     # both sides quantized; codes read as int32 words [BLOCK_N, W]. Keys: the scaled query
     # of each key group comes from _key_operands_kernel, field-major, so each field's
@@ -483,7 +526,7 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
     WK: tl.constexpr = D // PK
     PV: tl.constexpr = 32 // VBITS
     WV: tl.constexpr = D // PV
-    EV: tl.constexpr = 20 if VBITS == 2 else (16 if VBITS == 4 else 15)  # as in _field_hi
+    EHV: tl.constexpr = 23 - VBITS  # values are scaled by 2**-EHV
     wk = tl.arange(0, WK)[None, :]
     wv = tl.arange(0, WV)[None, :]
     wv3 = tl.arange(0, WV)[None, :, None]
@@ -492,46 +535,66 @@ def _decode_qrows_kernel(q_ptr, kc_ptr, a_ptr, bias_ptr, vc_ptr, vs_ptr, vl_ptr,
     l_s = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, WV, PV], tl.float32)
     acc_lo = tl.zeros([BLOCK_N, WV], tl.float32)
+    acc_c = tl.zeros([BLOCK_N, WV], tl.float32)  # sum of p * scale: the constant of _field_hi
 
     end = tl.minimum(T, t_hi * BLOCK_N)  # this split's last token + 1
     if PREFETCH:
         kw_n, vw_n = _tile_words(t_lo * BLOCK_N, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
                                  skc_t, svc_b, svc_h, svc_t, wk, wv3, PAGED, PAGE)
+        sv_n, lv_n = _tile_scales(t_lo * BLOCK_N, end, b, h, offs_n, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svs_b, svs_h,
+                                  svs_t, gv, PAGED, PAGE)
     for tile in range(t_lo, t_hi):
         n0 = tile * BLOCK_N
-        tok_ok = (n0 + offs_n)[:, None] < T
-        if PREFETCH:  # this tile's words came with the last one; load the next tile's now
+        if PREFETCH:  # this tile's words and scales came with the last one; load the next tile's now
             kw = kw_n
             vw = vw_n
+            sv = sv_n
+            lv = lv_n
             kw_n, vw_n = _tile_words(n0 + BLOCK_N, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
                                      skc_t, svc_b, svc_h, svc_t, wk, wv3, PAGED, PAGE)
+            sv_n, lv_n = _tile_scales(n0 + BLOCK_N, end, b, h, offs_n, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svs_b, svs_h,
+                                      svs_t, gv, PAGED, PAGE)
         else:
             kw, vw = _tile_words(n0, end, b, h, offs_n, kc_ptr, vc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b,
                                  svc_h, svc_t, wk, wv3, PAGED, PAGE)
-        loc, _, _, _, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0, svs_b, svs_h, PAGED, PAGE)
 
         # ---- scores, base 2 (q carries scale * log2 e); a tile lies inside one key group
         a_row = a_ptr + (pid * G + n0 // GK) * D + wk
         sacc = tl.zeros([BLOCK_N, WK], tl.float32)
         for j in tl.static_range(PK):
-            sacc += _field_hi(kw, j, KBITS, magic) * tl.load(a_row + j * WK)
+            sacc += _field_hi(kw, j, KBITS, ELK, magic) * tl.load(a_row + j * WK)
         s = tl.sum(sacc, axis=1) + tl.load(bias_ptr + pid * G + n0 // GK)
         s = tl.where(((n0 + offs_n) < T) & ((n0 + offs_n) <= qpos), s, float("-inf"))
 
         # ---- online softmax, one running output per token slot; rescale only when the max grows
-        p, m_i, acc, acc_lo, l_s = _online_softmax(s, m_i, acc, acc_lo, l_s)
+        # (inline, not _online_softmax: with a third accumulator through it ptxas spills 56 bytes
+        # at 8 bits, 2 warps, 32-token tiles)
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        if m_new > m_i:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha
+            acc_lo = acc_lo * alpha
+            acc_c = acc_c * alpha
+            l_s = l_s * alpha
+            m_i = m_new
+        p = tl.math.exp2(s - m_i)
+        l_s += p
 
-        # ---- values: p @ (c * s + lo) = (p * s) @ c + p @ lo per group, minus the constant of _field_hi
-        vs_off = vs_base + (loc + offs_n)[:, None] * svs_t + gv
-        sv = tl.load(vs_ptr + vs_off, mask=tok_ok, other=0.0).to(tl.float32)
-        lv = tl.load(vl_ptr + vs_off, mask=tok_ok, other=0.0).to(tl.float32)
-        ps = p[:, None] * sv
-        acc_lo += p[:, None] * lv - ps * (1 << (23 - EV))
-        ps = ps * (1.0 / (1 << EV))
-        acc += _fields_hi(vw, VBITS, PV, magic) * ps[:, :, None]
+        # ---- values: p @ (c * s + lo) = (p * s) @ c + p @ lo per group
+        if not PREFETCH:  # loaded where used: with the words they cost registers (measured slower)
+            sv, lv = _tile_scales(n0, end, b, h, offs_n, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svs_b, svs_h, svs_t, gv,
+                                  PAGED, PAGE)
+        ps = p[:, None] * sv.to(tl.float32)
+        acc_lo += p[:, None] * lv.to(tl.float32)
+        acc_c += ps
+        acc += _fields_hi(vw, VBITS, PV, ELV, magic) * (ps * (1.0 / (1 << EHV)))[:, :, None]
 
     ps_idx = _store_row_stats(m_ptr, l_ptr, split_base, split, bh, M, r, m_i, l_s)
-    o = tl.sum(acc, axis=0) + tl.sum(acc_lo, axis=0)[:, None]  # [WV, PV]
+    # acc / 2**-EHV holds p * s * (2**(23 - EHV) + code * 2**(e_j - EHV)), summed: take the constant
+    # off, scale each field by 2**(EHV - e_j), add the offsets
+    ev = _field_exp(tl.arange(0, PV)[None, :], VBITS, ELV)
+    o = (tl.sum(acc, axis=0) - tl.sum(acc_c, axis=0)[:, None] * (1 << (23 - EHV))) * _pow2(-ev + EHV) \
+        + tl.sum(acc_lo, axis=0)[:, None]  # [WV, PV]
     tl.store(o_ptr + (ps_idx * M + r) * D + tl.arange(0, WV)[:, None] * PV + tl.arange(0, PV)[None, :], o)
 
 
@@ -540,12 +603,20 @@ def _qrows_config(kbits: int, vbits: int) -> dict:
     return CONFIG["qrows8"] if 8 in (kbits, vbits) else CONFIG["qrows"]
 
 
+def _use_mma(side_k, side_v) -> bool:
+    """Whether a quantized segment goes to the matrix-unit row kernel (``decode_mma``)."""
+    from . import decode_mma
+
+    return (CONFIG["qrows"].get("mma", False) and isinstance(side_k, QuantBlock)
+            and decode_mma.supported(side_k, side_v, side_k.codes.device))
+
+
 def _block_n(side_k, side_v, kind: str) -> int | None:
     """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
     bn = CONFIG[kind]["block_n"]
     if (kind == "rows" and CONFIG["rows"]["qrows"] and isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)
             and side_k.scale.dtype != torch.float32):
-        bn = _qrows_config(side_k.spec.bits, side_v.spec.bits)["block_n"]
+        bn = 16 if _use_mma(side_k, side_v) else _qrows_config(side_k.spec.bits, side_v.spec.bits)["block_n"]
     if isinstance(side_k, QuantBlock):
         g = side_k.spec.group_size
         if not is_pow2(g) or g < 16:
@@ -632,19 +703,28 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     cfg = CONFIG[kind]
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
               *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
-    if rows and cfg["qrows"] and kb[0][0] > 0 and vb[0][0] > 0 and not f32:  # float16 key operands
+    if rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
+        from . import decode_mma
+
+        decode_mma.launch(q2, kside, vside, part, split_base, n_splits, qoff, T, hkv, m_rows, L, paged,
+                          CONFIG["qrows"]["prefetch"])
+    elif rows and cfg["qrows"] and kb[0][0] > 0 and vb[0][0] > 0 and not f32:  # float16 key operands
         qc = _qrows_config(kb[0][0], vb[0][0])
+        # The lowest bit _field_hi moves a field to: keys are summed per tile; values over the
+        # whole split, so they keep more headroom against rounding.
+        elk = qc.get("elo_k", 11 if kb[0][0] < 8 else 7)
+        elv = qc.get("elo_v", 15)
         g = math.ceil(T / kb[0][1])
         a_op = torch.empty((bh * m_rows, g, d), dtype=torch.float32, device=q2.device)
         bias = torch.empty((bh * m_rows, g), dtype=torch.float32, device=q2.device)
         _key_operands_kernel[(bh * m_rows, g)](
             q2, ks, kl, a_op, bias, tbl, lens, *sks, stbl, T, g, hkv, m_rows, D=d, KBITS=kb[0][0], GK=kb[0][1],
-            PAGED=paged is not None, PAGE=page, num_warps=1)
+            PAGED=paged is not None, PAGE=page, ELK=elk, num_warps=1)
         _decode_qrows_kernel[(bh * m_rows, n_splits)](
             q2, kc, a_op, bias, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl, T, g, qoff,
             tiles_per_split, split_base, hkv, m_rows, L, 0x4B000000, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1],
-            GV=vb[0][1], BLOCK_N=block_n, PAGED=paged is not None, PAGE=page, PREFETCH=qc["prefetch"],
-            num_warps=qc["num_warps"], num_stages=qc["num_stages"])
+            GV=vb[0][1], BLOCK_N=block_n, PAGED=paged is not None, PAGE=page, PREFETCH=qc["prefetch"], ELK=elk,
+            ELV=elv, num_warps=qc["num_warps"], num_stages=qc["num_stages"])
     elif rows:
         _decode_rows_kernel[(bh * m_rows, n_splits)](
             *common, D=d, KBITS=kb[0][0], VBITS=vb[0][0], GK=kb[0][1], GV=vb[0][1], BLOCK_N=block_n,

@@ -23,10 +23,11 @@ from . import is_pow2
 # interpreter has none).
 _RNE = tl.constexpr(12582912.0)
 
-# Warps per program of each kernel: bench/decode_attention.py tries 2, 4 and 8 and reports the
-# best. One H200, one layer of a 32K-token prefill (40 heads x 128, 4-bit): keys 0.20 / 0.30 /
-# 0.48 ms, values 0.22 / 0.21 / 0.23 ms.
-CONFIG = {"keys_warps": 2, "values_warps": 4}
+# Launch settings: bench/decode_attention.py tries several and reports the best. One H200, one
+# layer of a 32K-token prefill (40 heads x 128, 4-bit), keys and values together, in one
+# process with the previous kernels: keys with 1 warp over 64 channels 0.365 ms (2 warps over
+# all 128 channels, as before, 0.391; 32 channels 0.468); the previous kernels 0.377.
+CONFIG = {"keys_warps": 1, "keys_channels": 64, "values_warps": 4}
 
 
 @triton.jit
@@ -43,33 +44,45 @@ def _round_codes(x, lo, scale, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _pack(codes, N: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
-    """int32 codes [N, C] packed along C, little-end first: [N, C // PER] (PER = 1, 2 or 4).
+def _pair(codes, N: tl.constexpr, C: tl.constexpr, SH: tl.constexpr):
+    """[N, C] -> [N, C // 2]: element 2i | element 2i + 1 << SH, splitting an axis of two in the thread."""
+    even, odd = tl.split(tl.reshape(codes, [N, C // 2, 2]))
+    return even | (odd << SH)
 
-    Neighbouring channels are joined first, then pairs of pairs, each by splitting an axis
-    of two that stays inside the thread (no exchange between threads).
+
+@triton.jit
+def _pack(codes, N: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
+    """int32 codes [N, C] packed along C, little-end first: [N, C // PER].
+
+    PER = 1, 2 or 4 fills bytes; PER = 32 // BITS fills int32 words, the same bytes in memory
+    (little-endian) stored with a quarter of the store instructions. Neighbouring channels are
+    joined first, then pairs of pairs, each by splitting an axis of two that stays inside the
+    thread (no exchange between threads).
     """
-    if PER == 1:
-        out = codes
-    else:
-        even, odd = tl.split(tl.reshape(codes, [N, C // 2, 2]))
-        out = even | (odd << BITS)
-        if PER == 4:
-            even, odd = tl.split(tl.reshape(out, [N, C // 4, 2]))
-            out = even | (odd << (2 * BITS))
+    out = codes
+    if PER >= 2:
+        out = _pair(out, N, C, BITS)
+    if PER >= 4:
+        out = _pair(out, N, C // 2, 2 * BITS)
+    if PER >= 8:
+        out = _pair(out, N, C // 4, 4 * BITS)
+    if PER >= 16:
+        out = _pair(out, N, C // 8, 8 * BITS)
     return out
 
 
 @triton.jit
 def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
-                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
-    # One program: one row (batch * head) and one group of G tokens, every channel. The tile
-    # is read as [G, D], whole contiguous rows, and packed by splitting the channel axis.
+                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                          DC: tl.constexpr):
+    # One program: one row (batch * head), one group of G tokens and DC of the D channels. The
+    # tile is read as [G, DC], contiguous runs of each row, and packed by splitting the channel axis.
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
+    c0 = tl.program_id(2) * DC
     W: tl.constexpr = D // PER
     t = grp * G + tl.arange(0, G)
-    ch = tl.arange(0, D)
+    ch = c0 + tl.arange(0, DC)
     x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :]).to(tl.float32)
     lo = tl.min(x, axis=0)
     hi = tl.max(x, axis=0)
@@ -80,8 +93,9 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     sf = scale.to(tl.float32)
     inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
     codes = _round_codes(x, lo_s.to(tl.float32)[None], sf[None], inv[None], 2 ** BITS - 1)
-    packed = _pack(codes, G, D, BITS, PER)  # [G, W]: channel 2i is the low nibble of byte i
-    tl.store(c_ptr + row * T * W + t[:, None] * W + tl.arange(0, W)[None, :], packed.to(tl.uint8))
+    packed = _pack(codes, G, DC, BITS, PER)  # [G, DC // PER]: channel 2i is the low nibble of byte i
+    w = c0 // PER + tl.arange(0, DC // PER)
+    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(c_ptr.dtype.element_ty))
     soff = row * (T // G) * D + grp * D + ch
     tl.store(s_ptr + soff, scale)
     tl.store(l_ptr + soff, lo_s)
@@ -112,7 +126,7 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
                         [BLOCK_T, NG, WG])
     w = tl.arange(0, WG)
     coff = t[:, None, None] * (D // PER) + g[None, :, None] * WG + w[None, None, :]
-    tl.store(c_ptr + coff, packed.to(tl.uint8), mask=mask_t[:, None, None])
+    tl.store(c_ptr + coff, packed.to(c_ptr.dtype.element_ty), mask=mask_t[:, None, None])
     soff = t[:, None] * NG + g[None, :]
     tl.store(s_ptr + soff, scale, mask=mask_t[:, None])
     tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None])
@@ -147,13 +161,20 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     xc = x.contiguous()
     sdt = storage_dtype(x)
     codes = torch.empty(lead + (n, d // per), dtype=torch.uint8, device=x.device)
+    # Whole int32 words where a packed row (keys) or group (values) fills them: the same bytes.
+    whole = (d if spec.axis == -2 else g) * spec.bits % 32 == 0
+    out = codes.view(torch.int32) if whole and codes.numel() else codes
+    per = 32 // spec.bits if out is not codes else per
     if spec.axis == -2:
         sshape = lead + (n // g, d)
         scale = torch.empty(sshape, dtype=sdt, device=x.device)
         lo = torch.empty(sshape, dtype=sdt, device=x.device)
+        # A program takes DC channels: fewer registers per program, more programs in flight.
+        dc = max(min(d, CONFIG["keys_channels"]), per)
         if rows and n:
-            _quantize_keys_kernel[(rows, n // g)](xc, codes, scale, lo, n, D=d, G=g, BITS=spec.bits, PER=per,
-                                                  num_warps=CONFIG["keys_warps"], enable_fp_fusion=False)
+            _quantize_keys_kernel[(rows, n // g, d // dc)](xc, out, scale, lo, n, D=d, G=g, BITS=spec.bits, PER=per,
+                                                           DC=dc, num_warps=CONFIG["keys_warps"],
+                                                           enable_fp_fusion=False)
     else:
         sshape = lead + (n, d // g)
         scale = torch.empty(sshape, dtype=sdt, device=x.device)
@@ -163,6 +184,6 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         block_t = max(1, min(64, 4096 // d))
         if n_tok:
             _quantize_values_kernel[(triton.cdiv(n_tok, block_t),)](
-                xc, codes, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
+                xc, out, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
                 num_warps=CONFIG["values_warps"], enable_fp_fusion=False)
     return codes, scale, lo
