@@ -216,3 +216,19 @@ def test_mma_kernel_matches_numpy(rng, monkeypatch, dtype, hkv, L, n_res, blocks
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert len(calls) == blocks
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("n_splits", [5, 300])
+def test_split_combine_matches_torch(n_splits):
+    """The merge of split partials (the combine kernel for few splits, torch ops for many)."""
+    g = torch.Generator().manual_seed(n_splits)
+    part = da._Partials(n_splits, 3, 2, 64, DEVICE)
+    part.o.copy_(torch.randn(part.o.shape, generator=g))
+    part.m.copy_(torch.randn(part.m.shape, generator=g) * 4)
+    part.m[0, 0, 0] = -1.0e30  # a split that saw no token
+    part.l.copy_(torch.rand(part.l.shape, generator=g) + 0.5)
+    w = torch.exp2(part.m - part.m.amax(0))
+    ref = (part.o * w[..., None]).sum(0) / (part.l * w).sum(0)[..., None]
+    out = part.combine(torch.float16)
+    assert out.dtype == torch.float16 and out.shape == (3, 2, 64)
+    np.testing.assert_allclose(out.float().cpu().numpy(), ref.cpu().numpy(), atol=2e-3, rtol=2e-3)

@@ -670,6 +670,37 @@ def _side_arrays(x, bits_out: list, words: bool):
     return x, x, x, (x.stride(0), x.stride(1), x.stride(2)), (0, 0, 0)
 
 
+@triton.jit
+def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, rows, D: tl.constexpr, BS: tl.constexpr):
+    # One program: one query row of one (sequence, KV head). Every split's partial output
+    # reweighted to the running max over splits (BS at a time) and normalised, written in the
+    # output dtype: one launch instead of eight torch operations, which at batch 1 cost more
+    # than the attention.
+    row = tl.program_id(0)
+    sp = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    m_run = tl.max(tl.full([BS], -1.0e30, tl.float32), axis=0)
+    den = tl.sum(tl.zeros([BS], tl.float32), axis=0)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_splits, BS):
+        ok = s0 + sp < n_splits
+        m = tl.load(m_ptr + (s0 + sp) * rows + row, mask=ok, other=-1.0e30)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        alpha = tl.math.exp2(m_run - m_new)
+        w = tl.math.exp2(m - m_new)
+        den = den * alpha + tl.sum(w * tl.load(l_ptr + (s0 + sp) * rows + row, mask=ok, other=0.0), axis=0)
+        o = tl.load(o_ptr + ((s0 + sp) * rows + row)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+        m_run = m_new
+    tl.store(out_ptr + row * D + d, (acc / den).to(out_ptr.dtype.element_ty))
+
+
+# Above this many splits the combine runs as torch operations: one H200, batch 1, 40 heads:
+# the kernel 0.33 ms for the whole decode at 4K (32 splits) and 0.36 ms at 32K (105 splits)
+# against 0.47 and 0.58 with torch; at 128K (422 splits, 40 programs) 0.85 ms against 0.60.
+_COMBINE_KERNEL_MAX_SPLITS = 128
+
+
 class _Partials:
     """The split results of every segment of one attention call, merged by ``combine``."""
 
@@ -678,12 +709,16 @@ class _Partials:
         self.m = torch.empty((n_splits, bh, m), dtype=torch.float32, device=device)
         self.l = torch.empty((n_splits, bh, m), dtype=torch.float32, device=device)
 
-    def combine(self) -> torch.Tensor:
-        """``[bh, M, D]`` float32: every split's output reweighted to the global max and normalised."""
-        m_max = self.m.amax(dim=0)
-        w = torch.exp2(self.m - m_max)
-        den = (self.l * w).sum(dim=0)
-        return (self.o * w[..., None]).sum(dim=0) / den[..., None]
+    def combine(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[bh, M, D]`` in ``dtype``: every split's output reweighted to the global max and normalised."""
+        n, bh, m, d = self.o.shape
+        if n > _COMBINE_KERNEL_MAX_SPLITS:
+            w = torch.exp2(self.m - self.m.amax(dim=0))
+            return ((self.o * w[..., None]).sum(dim=0) / (self.l * w).sum(dim=0)[..., None]).to(dtype)
+        out = torch.empty((bh, m, d), dtype=dtype, device=self.o.device)
+        _combine_kernel[(bh * m,)](self.o, self.m, self.l, out, n, bh * m, D=d,
+                                   BS=min(16, triton.next_power_of_2(n)), num_warps=2)
+        return out
 
 
 def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
@@ -745,9 +780,8 @@ def _prepare_q(q: torch.Tensor, hkv: int, scale: float) -> tuple[torch.Tensor, i
     return q2, m_rows, max(16, triton.next_power_of_2(m_rows))
 
 
-def _finish(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    b, hq, L, d = q.shape
-    return out.reshape(b, hq, L, d).to(q.dtype)
+def _finish(part: _Partials, q: torch.Tensor) -> torch.Tensor:
+    return part.combine(q.dtype).reshape(q.shape)
 
 
 def _kind(m_rows: int) -> str:
@@ -788,7 +822,7 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
         _launch(q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)
         base += ns
         pos += n
-    return _finish(part.combine(), q)
+    return _finish(part, q)
 
 
 def attend_view(q: torch.Tensor, view: KVView, scale: float, rotate) -> torch.Tensor | None:
@@ -838,4 +872,4 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     if r:
         _launch(q2, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
                 f32)
-    return _finish(part.combine(), q)
+    return _finish(part, q)
