@@ -43,8 +43,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Cache options rotate, fp_sinks, group_size. "weigh": how a plan weighs the heads' errors
 # (see WEIGH and ``calibrated`` in ``main``).
 RS = {"rotate": True, "fp_sinks": 1}
-WEIGH = "fisher"  # how calibrated rows weigh errors: "fisher", "loss" (measured per layer and side) or "none"
+# how calibrated rows weigh errors: "validated" (the candidate of least held-out perplexity among
+# the weightings and, at 4.5, plans near uniform 4 bits), "fisher", "loss" (measured per layer and
+# side) or "none"
+WEIGH = "validated"
 LOSS_TOKENS = 1024
+# "validated" rows: candidate plans (each weighting, and at a budget a uniform plan has, plans at
+# most this many entries away from it) ranked by perplexity on VALIDATE_TOKENS held-out tokens
+VALIDATE_MOVES = (3, 6, 9, 12, 18, 24)
+VALIDATE_TOKENS = 4096
 ROWS = [
     ("full precision (DynamicCache fp32)", "anchor", {}),
     ("transformers QuantizedCache quanto 4-bit", "transformers", {"quanto": 4}),
@@ -60,12 +67,20 @@ ROWS = [
     ("lmcache 2-bit rotate sinks", "lmcache", {"bits": 2, **RS}),
     ("lmcache 2-bit rotate sinks4", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 4}),
     ("lmcache 8-bit", "lmcache", {"bits": 8}),
+    ("lmcache plan 4.5 rotate sinks fisher", "lmcache", {"plan": 4.5, "weigh": "fisher", **RS}),
+    ("lmcache plan 3.5 rotate sinks fisher", "lmcache", {"plan": 3.5, "weigh": "fisher", **RS}),
+    ("lmcache plan 3 rotate sinks fisher", "lmcache", {"plan": 3.0, "weigh": "fisher", **RS}),
     ("lmcache plan 4.5 rotate sinks unweighted", "lmcache", {"plan": 4.5, "weigh": "none", **RS}),
     ("lmcache plan 3.5 rotate sinks unweighted", "lmcache", {"plan": 3.5, "weigh": "none", **RS}),
     ("lmcache plan 3 rotate sinks unweighted", "lmcache", {"plan": 3.0, "weigh": "none", **RS}),
+    ("lmcache plan 4.5 rotate sinks loss", "lmcache", {"plan": 4.5, "weigh": "loss", **RS}),
+    ("lmcache plan 3.5 rotate sinks loss", "lmcache", {"plan": 3.5, "weigh": "loss", **RS}),
     ("lmcache 2-bit rotate", "lmcache", {"bits": 2, "rotate": True}),
     ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 1}),
 ]
+#: Calibrated rows with one fixed weighting: the candidates the validated plans are chosen from,
+#: kept as ablations (the QuantizedCache comparison is reported with and without them).
+ABLATIONS = {name for name, _, st in ROWS if "weigh" in st}
 
 #: Calibrated rows and the uniform-format row of exactly the same bytes they must beat.
 SAME_BYTES = [("lmcache plan 4.5 rotate sinks", "lmcache 4-bit rotate sinks"),
@@ -181,7 +196,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lmcache.calibrate import calibrate, loss_weights, measure
+    from lmcache.calibrate import calibrate, element_cost, loss_weights, measure
     from lmcache.commands.calibrate import layer_loss_increase, loss_gradients, plot_plan, pydoc_tokens
     from lmcache.integrations import hf
     from lmcache.plan import QuantPlan
@@ -192,6 +207,8 @@ def main(argv=None) -> int:
     print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
     ids = torch.tensor([pydoc_tokens(tok, args.tokens, "eval", eval_tokens=args.tokens)])
     cal_ids = torch.tensor([pydoc_tokens(tok, 2048, "calibrate", eval_tokens=args.tokens)])
+    # held out from both: the calibration topics after those 2048 tokens, to rank candidate plans
+    val_ids = torch.tensor([pydoc_tokens(tok, 2048 + VALIDATE_TOKENS, "calibrate", eval_tokens=args.tokens)[2048:]])
     cfg = model.config
     fp16 = torch.float16
 
@@ -199,7 +216,7 @@ def main(argv=None) -> int:
     # once per cache setting and reused for every budget.
     state = {}
 
-    def calibrated(avg_bits, weigh=WEIGH, **kw):
+    def plan_for(avg_bits, weigh, max_moves=None, **kw):
         if "samples" not in state:
             state["samples"] = hf.capture(model, cal_ids, chunk_size=256)
         key = tuple(sorted(kw.items()))
@@ -219,9 +236,30 @@ def main(argv=None) -> int:
                 state[("loss",) + key] = layer_loss_increase(model, cal_ids[:, :LOSS_TOKENS], kv_dtype=fp16,
                                                              sides=True, **kw)
             weights = loss_weights(errors, state[("loss",) + key])
-        plan = calibrate(None, avg_bits, errors=errors, weights=weights,
+        return calibrate(None, avg_bits, errors=errors, weights=weights, max_moves=max_moves,
                          meta={"model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics calibration topics",
                                "weighting": weigh})
+
+    def validated(avg_bits, **kw):
+        """The candidate plan of least perplexity on held-out text (neither the calibration nor the evaluated one)."""
+        cands = [(w, None) for w in ("none", "fisher", "loss")]
+        if any(abs(element_cost(b, 64) - avg_bits) < 1e-9 for b in (2, 4, 8)):  # a uniform plan of these bytes
+            cands += [("none", m) for m in VALIDATE_MOVES]
+        tried = []
+        for w, m in cands:
+            plan = plan_for(avg_bits, w, m, **kw)
+            ppl = perplexity(model, val_ids, hf.HFCache(plan=plan, kv_dtype=fp16, **kw), args.chunk)
+            tried.append((ppl, w, m, plan))
+            print(f"  plan {avg_bits:g} weigh={w} max_moves={m}: held-out perplexity {ppl:.4f}", flush=True)
+        ppl, w, m, plan = min(tried, key=lambda t: t[0])
+        plan.meta.update(weighting=f"validated: {w}", validation={
+            "text": f"pydoc_data.topics after the calibration text ({VALIDATE_TOKENS} tokens), chunks of {args.chunk}",
+            "chosen": {"weigh": w, "max_moves": m},
+            "perplexity": [{"weigh": t[1], "max_moves": t[2], "perplexity": t[0]} for t in tried]})
+        return plan
+
+    def calibrated(avg_bits, weigh=WEIGH, **kw):
+        plan = validated(avg_bits, **kw) if weigh == "validated" else plan_for(avg_bits, weigh, **kw)
         base = plan_path(args.plans_dir, avg_bits, weigh, **kw)
         plan.save(base + ".json")
         plot_plan(plan, base + ".png")
@@ -271,9 +309,15 @@ def main(argv=None) -> int:
                                 "token kept in full precision), 'sinks4': fp_sinks=4; 'K4 V2': keys 4 bits, values "
                                 "2 bits everywhere; 'plan B': lmcache.calibrate at avg_bits=B per element, float16 "
                                 "scales included (uniform 2-bit = 2.5, 4-bit = 4.5 at groups of 64, i.e. B - 0.5 "
-                                "code bits), attention-output error weighted by the squared loss gradient there "
-                                "(diagonal Fisher, lmcache.commands.calibrate.loss_gradients on the calibration "
-                                "text); 'unweighted': the layer-normalized attention-output error instead",
+                                "code bits), the candidate of least perplexity on held-out text (the "
+                                f"{VALIDATE_TOKENS} calibration-topic tokens after the calibration text) among "
+                                "the weightings below and, at 4.5, plans at most "
+                                f"{', '.join(map(str, VALIDATE_MOVES))} entries away from uniform 4 bits "
+                                "(lmcache.calibrate max_moves); 'fisher': attention-output error weighted by the "
+                                "squared loss gradient there (diagonal Fisher, "
+                                "lmcache.commands.calibrate.loss_gradients on the calibration text); 'unweighted': "
+                                "the layer-normalized attention-output error; 'loss': weighted by the measured loss "
+                                "increase per layer and side (lmcache.calibrate.loss_weights)",
             "quanto_settings": "QuantizedCache(backend='quanto'), q_group_size 64, residual_length 128, "
                                "float32 states (the model's dtype)",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -353,17 +397,16 @@ def targets(rows: list) -> dict:
                                                    by[u].get("steady_bytes_per_token")]}
         for p, u in SAME_BYTES if p in by and u in by}
     quanto = sorted((r for r in by.values() if r["impl"] == "transformers"), key=lambda r: r["steady_bytes_per_token"])
-    nearest, every = {}, {}
-    for r in by.values():
-        if r["impl"] != "lmcache":
-            continue
-        above = [q for q in quanto if q["steady_bytes_per_token"] >= r["steady_bytes_per_token"]]
-        if above:
-            nearest[f"{r['name']} vs {above[0]['name']}"] = r["perplexity"] < above[0]["perplexity"]
-        for q in above:
-            every[f"{r['name']} vs {q['name']}"] = r["perplexity"] < q["perplexity"]
-    out["lmcache beats the nearest QuantizedCache row of equal or larger bytes"] = nearest
-    out["lmcache beats every QuantizedCache row of equal or larger bytes"] = every
+    for suffix, names in (("", set(by) - ABLATIONS), (", weighting ablations included", set(by))):
+        nearest, every = {}, {}
+        for r in (by[n] for n in by if n in names and by[n]["impl"] == "lmcache"):
+            above = [q for q in quanto if q["steady_bytes_per_token"] >= r["steady_bytes_per_token"]]
+            if above:
+                nearest[f"{r['name']} vs {above[0]['name']}"] = r["perplexity"] < above[0]["perplexity"]
+            for q in above:
+                every[f"{r['name']} vs {q['name']}"] = r["perplexity"] < q["perplexity"]
+        out["lmcache beats the nearest QuantizedCache row of equal or larger bytes" + suffix] = nearest
+        out["lmcache beats every QuantizedCache row of equal or larger bytes" + suffix] = every
     return out
 
 

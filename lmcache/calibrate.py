@@ -180,16 +180,26 @@ def head_errors(keys, values, queries=None, *, bits: Sequence[int] = BITS, group
     return errs
 
 
-def solve_budget(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+def solve_budget(errors: np.ndarray, costs: np.ndarray, budget: float, start: np.ndarray | None = None,
+                 max_moves: int | None = None) -> np.ndarray:
     """Pick one option per item minimizing the summed error with summed cost <= ``budget``.
 
     ``errors``/``costs``: ``[items, options]`` (costs of an item's options may differ by
     multiples of a common unit; any float costs are handled exactly when they are multiples
-    of 1/64). Returns the chosen option index per item, ``[items]`` int64. Exact dynamic
-    programming over the budget in units of the greatest common step.
+    of 1/64). ``start`` (``[items]`` option indices) with ``max_moves``: at most that many
+    items may take another option than their start one. Returns the chosen option index per
+    item, ``[items]`` int64. Exact dynamic programming over the budget in units of the
+    greatest common step (and over the moves made).
     """
     errors, costs = np.asarray(errors, np.float64), np.asarray(costs, np.float64)
     n, m = errors.shape
+    if (start is None) != (max_moves is None):
+        raise ValueError("start and max_moves go together")
+    if max_moves is not None and (isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer))
+                                  or max_moves < 0):
+        raise ValueError(f"max_moves must be a non-negative int, got {max_moves!r}")
+    start = np.zeros(n, np.int64) if start is None else np.asarray(start, np.int64)
+    moves = 0 if max_moves is None else int(min(max_moves, n))
     base = costs.min(axis=1)
     extra = np.rint((costs - base[:, None]) * 64).astype(np.int64)      # exact for multiples of 1/64
     unit = int(np.gcd.reduce(extra[extra > 0])) if (extra > 0).any() else 1
@@ -199,28 +209,33 @@ def solve_budget(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.nda
         raise ValueError(f"the budget {budget:g} is below the cheapest plan's cost {base.sum():g}")
     cap = min(cap, int(extra.max(axis=1).sum()))
     inf = np.inf
-    best = np.full(cap + 1, inf)
-    best[0] = 0.0
-    choice = np.zeros((n, cap + 1), np.int8)
+    # best[k, c]: least error with k moves (all counted as 0 when unlimited) and c units spent
+    best = np.full((moves + 1, cap + 1), inf)
+    best[0, 0] = 0.0
+    choice = np.zeros((n, moves + 1, cap + 1), np.int8)
     for i in range(n):
-        new = np.full(cap + 1, inf)
+        new = np.full((moves + 1, cap + 1), inf)
         for o in range(m):
             c = extra[i, o]
-            if c > cap:
+            mv = int(max_moves is not None and o != start[i])
+            if c > cap or mv > moves:
                 continue
-            cand = np.full(cap + 1, inf)
-            cand[c:] = best[:cap + 1 - c] + errors[i, o]
+            cand = np.full((moves + 1, cap + 1), inf)
+            cand[mv:, c:] = best[:moves + 1 - mv, :cap + 1 - c] + errors[i, o]
             better = cand < new
             new[better] = cand[better]
-            choice[i, better] = o
+            choice[i][better] = o
         best = new
-    # cumulative minimum: spending less than the cap is allowed
-    j = int(np.argmin(best))
+    # spending less than the cap, or moving fewer items, is allowed
+    k, j = np.unravel_index(int(np.argmin(best)), best.shape)
+    if not np.isfinite(best[k, j]):
+        raise ValueError(f"no plan within the budget {budget:g} moves at most {max_moves} items from start")
     out = np.zeros(n, np.int64)
     for i in range(n - 1, -1, -1):
-        o = int(choice[i, j])
+        o = int(choice[i, k, j])
         out[i] = o
         j -= extra[i, o]
+        k -= int(max_moves is not None and o != start[i])
     return out
 
 
@@ -323,7 +338,7 @@ def measure(samples: Sequence, *, bits: Sequence[int] = BITS, group_size: int = 
 def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence[int] = BITS, group_size: int = 64,
               residual: int = 128, rotate: Any = False, fp_sinks: int = 0, scale_bits: int = 16,
               max_queries: int = 128, errors: dict | None = None, weights: Any = None, meta: dict | None = None,
-              progress: Callable[[int, int], None] | None = None) -> QuantPlan:
+              max_moves: int | None = None, progress: Callable[[int, int], None] | None = None) -> QuantPlan:
     """Choose bits per (layer, KV head, K/V) minimizing the summed error under ``avg_bits``.
 
     ``samples``: one entry per layer, each a dict ``{"keys", "values"[, "queries"]}`` or a
@@ -341,6 +356,10 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
     from measured loss increases, or ``lmcache.commands.calibrate.sensitivity``); each
     head's K and V errors are multiplied by their weight before allocation, so
     bits go where the loss reacts rather than where the layer-normalized error is largest.
+    ``max_moves`` (optional): start from the widest uniform plan within the budget and let at
+    most this many (layer, head, K/V) entries take other bits: the measured errors are
+    estimates, and near a uniform plan that is already good (4 bits) the many small trades
+    of an unlimited allocation can cost more than they gain; choose it on held-out loss.
     ``progress(done, total)`` is called after each layer. Returns a ``QuantPlan`` whose
     ``meta`` records settings, errors, weights, cost.
     """
@@ -370,7 +389,11 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
     if float(avg_bits) * total_w < costs_a.min(axis=1).sum() - 1e-9:
         raise ValueError(f"avg_bits={avg_bits} is below the cheapest plan: {min(cand)} bits everywhere cost "
                          f"{cheapest:.3f} bits per element with scales ({scale_bits}-bit scale and offset per group)")
-    pick = solve_budget(errs_a, costs_a, float(avg_bits) * total_w)
+    start = None
+    if max_moves is not None:
+        fits = [j for j in range(len(cand)) if costs_a[:, j].sum() <= float(avg_bits) * total_w + 1e-9]
+        start = np.full(len(errs_a), max(fits, key=lambda j: cand[j]), np.int64)
+    pick = solve_budget(errs_a, costs_a, float(avg_bits) * total_w, start, max_moves)
     chosen = [cand[o] for o in pick]
     k_bits, v_bits = [], []
     for i in range(n_l):
@@ -384,7 +407,7 @@ def calibrate(samples: Sequence | None, avg_bits: float = 4.0, *, bits: Sequence
         "rotate": errors.get("rotate", rotate), "fp_sinks": errors.get("fp_sinks", fp_sinks),
         "metric": errors.get("metric") if not weighted else f"{errors.get('metric')}, sensitivity-weighted",
         "weights": {side: w[side].tolist() for side in "kv"} if weighted else None,
-        "total_error": float(errs_a[idx, pick].sum()),
+        "total_error": float(errs_a[idx, pick].sum()), "max_moves": max_moves,
         "uniform_error": {str(b): float(errs_a[:, j].sum()) for j, b in enumerate(cand)},
         "errors": dict(errors),
     }

@@ -83,6 +83,36 @@ def test_solver_is_exact(rng):
         assert costs[np.arange(6), pick].sum() <= budget + 1e-9
 
 
+def test_solver_with_a_move_limit_is_exact(rng):
+    errors = rng.random((6, 3)) * np.array([4.0, 1.0, 0.1])
+    costs = np.tile([2.5, 4.5, 8.5], (6, 1))
+    start = np.ones(6, np.int64)  # 4 bits everywhere: 27 units
+    for budget, moves in ((27.0, 0), (27.0, 2), (27.0, 3), (33.0, 1), (51.0, 4)):
+        pick = solve_budget(errors, costs, budget, start, moves)
+        best = min((sum(errors[i, o] for i, o in enumerate(c)), c) for c in itertools.product(range(3), repeat=6)
+                   if sum(costs[i, o] for i, o in enumerate(c)) <= budget + 1e-9
+                   and sum(o != 1 for o in c) <= moves)
+        assert np.isclose(errors[np.arange(6), pick].sum(), best[0])
+        assert (pick != start).sum() <= moves and costs[np.arange(6), pick].sum() <= budget + 1e-9
+    with pytest.raises(ValueError, match="max_moves must be a non-negative int"):
+        solve_budget(errors, costs, 27.0, start, -1)
+    with pytest.raises(ValueError, match="start and max_moves go together"):
+        solve_budget(errors, costs, 27.0, start)
+
+
+def test_max_moves_stays_near_the_uniform_plan(rng):
+    errs = measure(synthetic(rng, True), residual=64, max_queries=16)
+    four = element_cost(4, 64)
+    assert all(b == 4 for row in calibrate(None, four, errors=errs, max_moves=0).k_bits for b in row)
+    free = calibrate(None, four, errors=errs)
+    for moves in (1, 3, 1000):
+        plan = calibrate(None, four, errors=errs, max_moves=moves)
+        moved = sum(b != 4 for row in plan.k_bits + plan.v_bits for b in row)
+        assert moved <= moves and plan.meta["avg_bits"] <= four + 1e-9 and plan.meta["max_moves"] == moves
+        assert plan.meta["total_error"] >= free.meta["total_error"] - 1e-12  # the free plan is the optimum
+    assert np.isclose(plan.meta["total_error"], free.meta["total_error"])  # enough moves: the same optimum
+
+
 def test_errors_fall_with_bits(rng):
     s = synthetic(rng, True)[0]
     for rotate, sinks in ((False, 0), (True, 0), (False, 4)):

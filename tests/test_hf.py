@@ -129,6 +129,12 @@ def test_cli_calibrate_on_a_local_model(model, tmp_path, capsys):
     assert plan.meta["avg_bits"] <= 4.0 and plan.meta["tokens"] == 300
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
+    # --max-moves: 4 bits with scales at groups of 32 fit uniform 2-bit only; one entry may differ
+    assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "300", "--chunk", "100",
+                 "--group-size", "32", "--residual", "64", "--avg-bits", "4", "--max-moves", "1",
+                 "--out", str(out)]) == 0
+    plan = lmcache.QuantPlan.load(out)
+    assert plan.meta["max_moves"] == 1 and sum(b != 2 for row in plan.k_bits + plan.v_bits for b in row) <= 1
     assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "50", "--residual", "64",
                  "--out", str(out)]) == 2
     assert "calibration needs at least" in capsys.readouterr().err

@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
                              "default), 'fisher' (by the squared loss gradient at each output: one backward pass), "
                              "'loss' (by the loss increase measured when one layer's keys or values alone are "
                              "quantized at 2 bits: two passes per layer)")
+    parser.add_argument("--max-moves", type=int, default=None,
+                        help="start from the widest uniform plan within --avg-bits and let at most this many "
+                             "(layer, head, K/V) entries take other bits (default: no limit)")
     parser.add_argument("--scale-bits", type=int, choices=[16, 32], default=16,
                         help="bits of each stored scale and offset: 16 for float16/bfloat16 caches (default)")
     parser.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
@@ -265,6 +268,7 @@ def run(args) -> int:
         if args.weigh == "loss":
             weights = loss_weights(errors, dl)
         plan = calibrate(None, args.avg_bits, errors=errors, weights=weights, scale_bits=args.scale_bits,
+                         max_moves=args.max_moves,
                          meta={"model": os.path.basename(model_path), "text": source, "tokens": len(ids),
                                "weighting": args.weigh})
     except ValueError as e:
