@@ -50,8 +50,8 @@ WEIGH = "validated"
 LOSS_TOKENS = 1024
 # "validated" rows: candidate plans (each weighting, and at a budget a uniform plan has, plans at
 # most this many entries away from it) ranked by perplexity on VALIDATE_TOKENS held-out tokens
-VALIDATE_MOVES = (3, 6, 9, 12, 18, 24)
-VALIDATE_TOKENS = 4096
+VALIDATE_MOVES = (0, 3, 6, 9, 12, 18, 24)
+VALIDATE_TOKENS = 8192
 ROWS = [
     ("full precision (DynamicCache fp32)", "anchor", {}),
     ("transformers QuantizedCache quanto 4-bit", "transformers", {"quanto": 4}),
