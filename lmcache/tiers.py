@@ -872,14 +872,8 @@ class RemoteTier(_SharedTier):
                     place(0, head)
                     return views_for(len(head), n - len(head))
                 got0 = self._get_into(self._k(key, 0), views0, peek=self.PEEK)
-                if got0 is None and "header" not in f:  # no entry, or one to read another way
-                    first = c.get(self._k(key, 0))
-                    if first is None:
-                        return None
-                    if not opened(first, len(first)):
-                        return False
-                    place(0, first)
-            else:
+            # part 0 as one reply: not direct, or no entry / one to read another way above
+            if not direct or (got0 is None and "header" not in f):
                 first = c.get(self._k(key, 0))
                 if first is None:
                     return None
