@@ -741,7 +741,8 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     if rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 
-        decode_mma.launch(q2, kside, vside, part, split_base, n_splits, qoff, T, hkv, m_rows, L, paged,
+        decode_mma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][1], part, split_base, n_splits,
+                          tiles_per_split, qoff, T, hkv, m_rows, L, (tbl, lens, stbl, page, paged is not None),
                           CONFIG["qrows"]["prefetch"])
     elif rows and cfg["qrows"] and kb[0][0] > 0 and vb[0][0] > 0 and not f32:  # float16 key operands
         qc = _qrows_config(kb[0][0], vb[0][0])

@@ -253,40 +253,26 @@ def _decode_kernel(bk_ptr, bias_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_pt
     tl.store(o_ptr + (ps_idx * M + rq) * 128 + dim, o, mask=(q == og)[:, :, None])
 
 
-def launch(q2, side_k, side_v, part, split_base: int, n_splits: int, qoff: int, T: int, hkv: int, m_rows: int,
-           L: int, paged=None, prefetch: bool = False) -> None:
-    """Run the key-operand and decode kernels for one segment into ``part`` (see ``decode_attention._launch``).
+def launch(q2, kside: tuple, vside: tuple, gk: int, part, split_base: int, n_splits: int, tiles_per_split: int,
+           qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple, prefetch: bool) -> None:
+    """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
-    ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``side_k``/``side_v``:
-    ``QuantBlock`` that ``supported`` accepts; ``paged``: ``(table, lengths, page_size)`` or ``None``;
-    ``prefetch``: load each tile's code words while the previous tile is computed.
+    ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
+    ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
+    (int32 code words, scale, offset, their strides); ``gk``: the key group size; ``table``:
+    ``(table, lengths, table stride, page size, paged)``; ``prefetch``: load each tile's code
+    words while the previous tile is computed.
     """
-    kc, ks, kl = side_k.codes, side_k.scale, side_k.lo
-    vc, vs, vl = side_v.codes, side_v.scale, side_v.lo
-    if kc.stride(-1) != 1 or any(st % 4 for st in kc.stride()[:-1]) or kc.storage_offset() % 4:
-        kc = kc.contiguous()
-    if vc.stride(-1) != 1 or any(st % 4 for st in vc.stride()[:-1]) or vc.storage_offset() % 4:
-        vc = vc.contiguous()
-    if ks.stride(-1) != 1 or kl.stride() != ks.stride():
-        ks, kl = ks.contiguous(), kl.contiguous()
-    if vs.stride(-1) != 1 or vl.stride() != vs.stride():
-        vs, vl = vs.contiguous(), vl.contiguous()
-    kc, vc = kc.view(torch.int32), vc.view(torch.int32)
-    if paged is None:
-        tbl, lens, stbl, page = q2, q2, 0, 16
-    else:
-        tbl, lens, page = paged
-        stbl = tbl.stride(0)
-    gk = side_k.spec.group_size
+    kc, ks, kl, skc, sks = kside
+    vc, vs, vl, svc, svs = vside
+    tbl, lens, stbl, page, paged = table
     rows = q2.shape[0] * m_rows
     g = triton.cdiv(T, gk)
     bk = torch.empty((rows, g, 8, 16), dtype=torch.int32, device=q2.device)
     bias = torch.empty((rows, g), dtype=torch.float32, device=q2.device)
-    _key_operands_kernel[(rows, g)](q2, ks, kl, bk, bias, tbl, lens, ks.stride(0), ks.stride(1), ks.stride(2), stbl,
-                                    T, g, hkv, m_rows, GK=gk, PAGED=paged is not None, PAGE=page, num_warps=1)
-    tiles_per_split = max(1, triton.cdiv(triton.cdiv(T, 16), n_splits))
+    _key_operands_kernel[(rows, g)](q2, ks, kl, bk, bias, tbl, lens, *sks, stbl, T, g, hkv, m_rows, GK=gk,
+                                    PAGED=paged, PAGE=page, num_warps=1)
     _decode_kernel[(rows, n_splits)](
-        bk, bias, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), stbl,
-        T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, _MAGIC_H2, GK=gk, PAGED=paged is not None,
-        PAGE=page, PREFETCH=prefetch, num_warps=1, num_stages=1)
+        bk, bias, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
+        T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, _MAGIC_H2, GK=gk, PAGED=paged, PAGE=page,
+        PREFETCH=prefetch, num_warps=1, num_stages=1)
