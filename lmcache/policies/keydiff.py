@@ -37,8 +37,8 @@ class KeyDiff(Policy):
     distinctive token keeps its neighbours (``kernel=1``: the paper's and NVIDIA kvpress's
     plain per-token choice; in a 6-prompt trial of the passkey prefix-reuse case at a 25%
     budget, ``kernel=3`` found 5 keys, ``kernel=1`` 4). In the benchmark (SmolLM2-135M, ~1900
-    tokens, 24 prompts) it kept 100% of the keys at a 50% budget and 96% at 25% in that case,
-    where ``knorm`` kept 58% and 33% and the attention-based policies at most 33%.
+    tokens, 60 prompts) it kept 100% of the keys at a 50% budget and 98% at 25% in that case,
+    where ``knorm`` kept 63% and 32% and the attention-based policies at most 33%.
     ``window``: newest tokens always kept.
     """
 

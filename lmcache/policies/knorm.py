@@ -21,7 +21,7 @@ class KNorm(Policy):
     prefix-reuse case lost the key at 50 and 25% budgets where ``window=32`` found it) and
     kept tokens stay in order. Measured on that case (SmolLM2-135M, ~1900 tokens): in a
     6-prompt trial ``kernel=1`` found 4 keys at a 50% budget, ``kernel=3`` 2; both 2 at 25%;
-    the benchmark (24 prompts) gives ``kernel=1`` 58% at 50% and 33% at 25%, no key at 10%
+    the benchmark (60 prompts) gives ``kernel=1`` 63% at 50% and 32% at 25%, no key at 10%
     depth, where ``keydiff`` finds them all.
     ``window``: newest tokens always kept.
     """
