@@ -102,25 +102,33 @@ def check(segs, q, scale) -> float:
 def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
-    4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the matrix-unit kernel of
-    ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
-    sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The
-    older row kernel runs once on each, for reference.
+    The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
+    runs at three programs-per-SM settings. Without it, 4-bit caches use ``CONFIG["qrows"]`` (its
+    "mma" entry: the float16 matrix-unit kernel of ``decode_mma``), caches with 8-bit codes
+    ``CONFIG["qrows8"]``: each is tried at several tile sizes, warps and prefetch settings, then
+    programs per SM (shared, chosen on 4-bit). The older row kernel runs once on each, for
+    reference. The integer kernel is kept if it is the fastest at both widths.
     """
     trials = []
+    use_imma = da.CONFIG["imma"]
 
     def trial(bits, key, cfg, pps=None, qrows=True):
-        saved = (da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG[key])
+        saved = (da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG.get(key))
         da.CONFIG["programs_per_sm"] = pps or saved[0]
         da.CONFIG["rows"] = {**saved[1], "qrows": qrows}
-        da.CONFIG[key] = dict(cfg)
+        da.CONFIG["imma"] = key == "imma"
+        if key != "imma":
+            da.CONFIG[key] = dict(cfg)
         res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
                "programs_per_sm": da.CONFIG["programs_per_sm"]}
         try:
             res["ms"] = timed(da.decode_attention, q, caches[bits], scale, warmup=2, iters=7)
         except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
             res["ms"], res["error"] = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
-        da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG[key] = saved
+        da.CONFIG["programs_per_sm"], da.CONFIG["rows"] = saved[:2]
+        da.CONFIG["imma"] = False
+        if key != "imma":
+            da.CONFIG[key] = saved[2]
         print(f"  {bits}-bit {res['config']} pps={res['programs_per_sm']} {cfg}: {res['ms']:.3f} ms", flush=True)
         trials.append(res)
         return res
@@ -146,7 +154,16 @@ def sweep(caches, q, scale) -> dict:
         if t["ms"] < best[4]["ms"]:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
-    return {"best": {str(k): v for k, v in best.items()}, "trials": trials,
+    if use_imma:
+        imma = {bits: min((trial(bits, "imma", {}, pps=pps) for pps in ((64, 128, 256) if DEV == "cuda" else (64,))),
+                          key=lambda t: t["ms"]) for bits in (4, 8)}
+        if all(imma[b]["ms"] < best[b]["ms"] for b in (4, 8)):
+            best = imma
+            da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
+        else:
+            use_imma = False
+    da.CONFIG["imma"] = use_imma
+    return {"best": {str(k): v for k, v in best.items()}, "trials": trials, "imma": use_imma,
             "programs_per_sm": da.CONFIG["programs_per_sm"]}
 
 

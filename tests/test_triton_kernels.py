@@ -71,11 +71,12 @@ def test_quantize_rejects_unsupported_shapes():
         quantize(torch.zeros(1, 40, 96, device=DEVICE), QuantSpec(4, 16, -2))
 
 
-def _cache(rng, b, hkv, n_quant, n_res, d, kbits, vbits, g, dtype, blocks=1):
-    """Random KV split as Cache holds it: ``blocks`` quantized blocks then a dense residual."""
+def _cache(rng, b, hkv, n_quant, n_res, d, kbits, vbits, g, dtype, blocks=1, gv=None):
+    """Random KV split as Cache holds it: ``blocks`` quantized blocks then a dense residual
+    (key groups of ``g`` tokens, value groups of ``gv`` channels, by default ``min(g, d)``)."""
     k = torch.from_numpy(rng.standard_normal((b, hkv, n_quant + n_res, d)).astype(np.float32)).to(dtype).to(DEVICE)
     v = torch.from_numpy(rng.standard_normal((b, hkv, n_quant + n_res, d)).astype(np.float32)).to(dtype).to(DEVICE)
-    ks, vs = QuantSpec(kbits, g, -2), QuantSpec(vbits, min(g, d), -1)
+    ks, vs = QuantSpec(kbits, g, -2), QuantSpec(vbits, gv or min(g, d), -1)
     cuts = np.linspace(0, n_quant // g, blocks + 1).astype(int) * g
     segs = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
@@ -101,20 +102,23 @@ def _reference(q, segs):
 
 
 # Kernel variants, forced whatever the number of query rows: the row kernel at two launch
-# settings, the qrows kernel with and without prefetch, and the matrix-unit kernel.
-VARIANTS = {"rows": {"rows_max": 1 << 20,
+# settings, the qrows kernel with and without prefetch, and the two matrix-unit kernels.
+VARIANTS = {"rows": {"rows_max": 1 << 20, "imma": False,
                      "rows": {"num_warps": 1, "num_stages": 2, "block_n": 16, "qrows": False}},
-            "rows-slots": {"rows_max": 1 << 20,
+            "rows-slots": {"rows_max": 1 << 20, "imma": False,
                            "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": False}},
-            "qrows": {"rows_max": 1 << 20,
+            "qrows": {"rows_max": 1 << 20, "imma": False,
                       "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
                       "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 16, "prefetch": True, "mma": False}},
-            "qrows-64": {"rows_max": 1 << 20,
+            "qrows-64": {"rows_max": 1 << 20, "imma": False,
                          "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
                          "qrows": {"num_warps": 2, "num_stages": 2, "block_n": 64, "prefetch": False, "mma": False}},
+            "imma": {"rows_max": 1 << 20, "imma": True,
+                     "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True}},
             "dot": {"rows_max": 0}}
-if DEVICE != "cpu":  # the matrix-unit row kernel (inline PTX) runs compiled only
-    VARIANTS["mma"] = {"rows_max": 1 << 20, "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
+if DEVICE != "cpu":  # the float16 matrix-unit row kernel (inline PTX) runs compiled only
+    VARIANTS["mma"] = {"rows_max": 1 << 20, "imma": False,
+                       "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
                        "qrows": {"num_warps": 1, "num_stages": 1, "block_n": 8, "prefetch": True, "mma": True}}
 
 
@@ -137,7 +141,8 @@ if DEVICE == "cpu":  # the interpreter runs one program at a time: the row kerne
     _CASES = [c for c in _CASES if c[0] == "dot"] + [
         ("rows", 1, 1, 64, 4, 4), ("rows", 1, 1, 64, 8, 2), ("rows", 1, 1, 64, 2, 8),
         ("rows-slots", 1, 1, 64, 4, 4), ("rows-slots", 1, 1, 64, 2, 8),
-        ("qrows", 1, 1, 64, 4, 4), ("qrows", 1, 1, 64, 8, 2), ("qrows", 1, 1, 128, 2, 8), ("qrows-64", 1, 1, 64, 4, 4)]
+        ("qrows", 1, 1, 64, 4, 4), ("qrows", 1, 1, 64, 8, 2), ("qrows", 1, 1, 128, 2, 8), ("qrows-64", 1, 1, 64, 4, 4),
+        ("imma", 8, 1, 128, 4, 4), ("imma", 1, 7, 128, 4, 4), ("imma", 1, 7, 128, 8, 2)]
 
 
 @pytest.mark.parametrize("name,hkv,L,d,kbits,vbits", _CASES)
@@ -216,6 +221,71 @@ def test_mma_kernel_matches_numpy(rng, monkeypatch, dtype, hkv, L, n_res, blocks
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert len(calls) == blocks
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def _imma_calls(monkeypatch) -> list:
+    from lmcache.backends.torch.triton import decode_imma
+
+    _use(monkeypatch, "imma")
+    calls = []
+    launch = decode_imma.launch
+    monkeypatch.setattr(decode_imma, "launch", lambda *a: calls.append(a[3:5]) or launch(*a))
+    return calls
+
+
+_IMMA_CASES = [(kb, vb, dt, *shape) for kb, vb in [(4, 4), (8, 8), (4, 8), (8, 4)]
+               for dt in (torch.float16, torch.bfloat16)
+               for shape in [(3, 1, 37, 2, 64), (1, 2, 5, 1, 32), (2, 7, 0, 3, 128)]]
+if DEVICE == "cpu":  # the interpreter: every pairing once, the other shapes and bfloat16 on 4/4 and 8/8
+    _IMMA_CASES = [c for c in _IMMA_CASES if (c[2] == torch.float16 and c[3] == 3) or (c[0] == c[1] and c[3] != 3)
+                   or (c[:2] == (4, 4) and c[2] == torch.bfloat16 and c[3] == 3)]
+
+
+@pytest.mark.parametrize("kbits,vbits,dtype,hkv,L,n_res,blocks,g", _IMMA_CASES)
+def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L, n_res, blocks, g):
+    """The integer matrix-unit kernel (emulated PTX under the interpreter) at odd sizes: 3 or 1
+    query heads per KV head, 1/2/7 query tokens (7: inside the last block, no residual), residuals
+    that are not a multiple of 32, key groups of 32/64/128, every pairing of 4- and 8-bit sides."""
+    calls = _imma_calls(monkeypatch)
+    segs = _cache(rng, 2, hkv, g * (3 if DEVICE == "cpu" else 11), n_res, 128, kbits, vbits, g, dtype, blocks=blocks,
+                  gv=64)
+    hq = 3 * hkv if L == 1 else hkv
+    q = torch.from_numpy(rng.standard_normal((2, hq, L, 128)).astype(np.float32)).to(dtype).to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert calls == [(kbits, vbits)] * blocks
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("flush_tiles", [1024, 2])
+def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
+    """Scores that climb along the sequence (the softmax reference moves and the integer value
+    sums fold many times), a few tokens far above the rest, value scales that differ by 1000x
+    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path)."""
+    import triton.language as tl
+
+    from lmcache.backends.torch.triton import decode_imma
+
+    calls = _imma_calls(monkeypatch)
+    if flush_tiles != 1024:
+        if DEVICE != "cpu":
+            pytest.skip("the fold interval is a compile-time constant: patched under the interpreter only")
+        monkeypatch.setattr(decode_imma, "_FLUSH_TILES", tl.constexpr(flush_tiles))
+    n = 320
+    q = torch.from_numpy(rng.standard_normal((1, 2, 1, 128)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
+    k += torch.linspace(0, 6, n + 3)[None, None, :, None] * q[:, :, :, :] / q.norm(dim=-1, keepdim=True)
+    k[:, :, 200] += 4 * q[:, :, 0]
+    v = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
+    v[:, :, ::7] *= 1000.0
+    ks, vs = QuantSpec(4, 64, -2), QuantSpec(8, 64, -1)
+    kh, vh = k.half().to(DEVICE), v.half().to(DEVICE)
+    segs = [(QuantBlock(*quantize(kh[:, :, :n], ks), ks), QuantBlock(*quantize(vh[:, :, :n], vs), vs)),
+            (kh[:, :, n:], vh[:, :, n:])]
+    qh = q.half().to(DEVICE)
+    out = da.decode_attention(qh, segs, 1 / np.sqrt(128))
+    assert calls == [(4, 8)]
+    ref = _reference(qh, segs)
+    np.testing.assert_allclose(out.float().cpu().numpy(), ref, atol=5e-3 * np.abs(ref).max(), rtol=5e-3)
 
 
 @pytest.mark.parametrize("n_splits", [5, 300])

@@ -1,12 +1,13 @@
 """Fused decode attention over the compressed cache, split along the sequence (flash-decoding).
 
 Kernels over the same partial-result format, all reading the packed codes where they lie
-(never writing a dequantized copy of the cache). The common decode step on NVIDIA GPUs, 4-bit
-K and V at head dim 128 and a few query rows per KV head, goes to the matrix-unit kernel of
-``decode_mma``; the three here take the rest:
+(never writing a dequantized copy of the cache). The common decode step on NVIDIA GPUs, 4- or
+8-bit K and V at head dim 128 and a few query rows per KV head, goes to the integer matrix-unit
+kernel of ``decode_imma`` (``decode_mma``, float16 matrix units for 4-bit codes, stays for when
+``CONFIG["imma"]`` is off); the three here take the rest:
 
 ``_decode_qrows_kernel`` (a few query rows per KV head over a segment quantized on both sides,
-float16/bfloat16 scales, the layouts decode_mma does not take): one program per query row and split. A small
+float16/bfloat16 scales, the layouts the matrix-unit kernels do not take): one program per query row and split. A small
 ``_key_operands_kernel`` first writes, per query row and key group, the scaled query
 ``a = q * scale * 2**-e_j`` field-major (each field's operands load as one vector in the layout
 of the code words) and the group's constant. Fields are shifted, a run of neighbours at a time,
@@ -79,6 +80,12 @@ CONFIG = {
     "qrows": {"num_warps": 1, "num_stages": 2, "block_n": 8, "prefetch": False, "mma": True},
     "qrows8": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
+    # 4- and 8-bit K and V with head dim 128 (one or two query rows per KV head) take
+    # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process
+    # (the sweep in decode_attention-NVIDIA-H200.json): 4-bit 1.62 ms (decode_mma 1.65), 8-bit
+    # 1.97 ms (qrows 2.56); on another lent H200, 1.34 (1.38) and 1.77 (2.50). Programs per SM
+    # 64-256 within 5%; a register cap of 128 (spilling) was slower, 1.50 / 1.86 ms.
+    "imma": True,
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
@@ -611,12 +618,25 @@ def _use_mma(side_k, side_v) -> bool:
             and decode_mma.supported(side_k, side_v, side_k.codes.device))
 
 
-def _block_n(side_k, side_v, kind: str) -> int | None:
+def _use_imma(side_k, side_v, page: int | None) -> bool:
+    """Whether a quantized segment (paged with ``page`` tokens per page) goes to ``decode_imma``."""
+    from . import decode_imma
+
+    return (CONFIG.get("imma", False) and isinstance(side_k, QuantBlock)
+            and decode_imma.supported(side_k, side_v, side_k.codes.device, page))
+
+
+def _block_n(side_k, side_v, kind: str, page: int | None = None) -> int | None:
     """Tokens per tile for a segment with kernel ``kind`` ("rows"/"dot"), or ``None`` if it cannot take it."""
     bn = CONFIG[kind]["block_n"]
     if (kind == "rows" and CONFIG["rows"]["qrows"] and isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)
             and side_k.scale.dtype != torch.float32):
-        bn = 16 if _use_mma(side_k, side_v) else _qrows_config(side_k.spec.bits, side_v.spec.bits)["block_n"]
+        if _use_imma(side_k, side_v, page):
+            bn = 32
+        elif _use_mma(side_k, side_v):
+            bn = 16
+        else:
+            bn = _qrows_config(side_k.spec.bits, side_v.spec.bits)["block_n"]
     if isinstance(side_k, QuantBlock):
         g = side_k.spec.group_size
         if not is_pow2(g) or g < 16:
@@ -738,7 +758,13 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     cfg = CONFIG[kind]
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
               *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
-    if rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
+    if rows and cfg["qrows"] and not f32 and _use_imma(kside, vside, None if paged is None else page):
+        from . import decode_imma
+
+        decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
+                           split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
+                           (tbl, lens, stbl, page, paged is not None))
+    elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 
         decode_mma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][1], part, split_base, n_splits,
@@ -859,7 +885,7 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     vq = QuantBlock(pool.v_codes, pool.v_scale, pool.v_lo, pool.v_spec)
     q2, m_rows, block_m = _prepare_q(q, hkv, scale)
     kind = _kind(m_rows)
-    bn = _block_n(kq, vq, kind)
+    bn = _block_n(kq, vq, kind, pool.page_size)
     if bn is None or pool.page_size % bn or not is_pow2(d) or d < 16 or (kind == "dot" and block_m > 128):
         return None
     r = 0 if k_res is None else k_res.shape[2]

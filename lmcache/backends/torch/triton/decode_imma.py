@@ -1,0 +1,378 @@
+"""Decode attention over 4- or 8-bit K and V on the integer matrix units (``mma.sync`` u8, inline PTX).
+
+The codes are unsigned bytes already (8-bit) or one mask away from them (4-bit: ``w & 0x0F0F0F0F``
+and ``w & 0xF0F0F0F0``, the second 16 times the code, which the other operand absorbs), so they
+enter ``mma.sync.m16n8k32`` with no conversion to floating point. The other operand is made
+integer instead, in fixed point with 8-bit limbs in separate columns: the sums are exact int32,
+the limbs are weighted back in float32 once per tile (keys) or once per flush (values).
+
+One program: one query row (of ``M`` per KV head), one split, one warp, 32-token tiles. Lane
+``l``: ``g = l // 4``, ``t = l % 4`` (fragment layouts in ``ptx``).
+
+* Keys: ``S = A B``, A the codes (16 tokens x 32 dimensions per k-step, two m-tiles, four
+  k-steps), B the query times the key scale, ``round(q_d s_d 2**e)`` in three signed limbs
+  (columns 0-2), prepared per (row, key group) by ``_key_operands_kernel`` with ``2**-e`` and the
+  group's bias ``q . lo``. Lane ``(g, t)`` loads tokens ``4g .. 4g + 3``; the head dimensions are
+  permuted so its words are its A registers, and B takes the same permutation. Its score lanes
+  (``t = 0``) end with those four tokens' scores.
+* Values: ``O = A B``, A the codes transposed (16 dimensions x 32 tokens per m-tile, eight
+  m-tiles), B ``p * scale`` in fixed point (``x < 2**23``: a float add of ``2**23`` rounds it and
+  leaves its three bytes as limbs; column ``3G + limb`` for value group ``G``). Lane ``(g, t)``
+  loads dimensions ``16g .. 16g + 15`` of tokens ``4t + i`` and ``4t + 16 + i`` and transposes
+  bytes so a register holds four tokens. The int32 accumulators are folded into float32 only
+  when the softmax reference moves (it moves when a score passes it by more than ``_TAU``, so p
+  stays below ``2**_TAU``) or every ``_FLUSH_TILES`` tiles, against overflow.
+
+Only the layout of one config is taken (``supported``): head dim 128, 4- or 8-bit codes on each
+side, value groups of 64, key groups of at least 32, float16/bfloat16 scales.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...base import QuantBlock
+from . import ptx
+from .decode_attention import _group_program, _row_program, _tile_bases
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    ptx.emulate_in_interpreter()
+
+TILE = 32
+_TAU = tl.constexpr(3.0)  # the softmax reference moves when a score passes it by more than this (log2)
+_P_MAX = tl.constexpr(8.0)  # 2**_TAU: the largest p
+_FLUSH_TILES = tl.constexpr(1024)  # a tile adds below 255 * 255 * 32 < 2**21 to a value accumulator
+_X_RANGE = tl.constexpr(8388608.0 - 65536.0)  # fixed-point values of p * scale stay below 2**23
+_I2F = tl.constexpr(0x4B400000)  # bits of 1.5 * 2**23; plus an int32 n, |n| < 2**22: the float n + 12582912
+
+
+def supported(side_k, side_v, device: torch.device, page: int | None = None) -> bool:
+    """Whether a (K, V) segment (paged with ``page`` tokens per page, if given) can take this kernel."""
+    if not (isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)):
+        return False
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interp and (device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8):
+        return False
+    ks, vs = side_k.spec, side_v.spec
+    gk = ks.group_size
+    return (ks.bits in (4, 8) and vs.bits in (4, 8) and side_k.codes.shape[-1] * ks.per_byte == 128
+            and side_v.codes.shape[-1] * vs.per_byte == 128 and vs.group_size == 64 and gk >= TILE
+            and gk & (gk - 1) == 0 and side_k.scale.dtype != torch.float32 and side_v.scale.dtype != torch.float32
+            and (page is None or page % TILE == 0))
+
+
+@triton.jit
+def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
+                         T, G, Hkv, M, KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
+                         PAGE: tl.constexpr):
+    # One program: one query row, one key group. bk [rows, G, 4 (t), 3 (limb), 8]: lane (limb, t)'s
+    # B registers of k-steps 0-3 (b0, b1), bytes of x_d = round(q_d scale_d 2**e) as balanced
+    # digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
+    pid, g, live, loc, ks_base = _group_program(T, Hkv, M, len_ptr, tbl_ptr, stbl_b, sks_b, sks_h, GK, PAGED, PAGE)
+    if live:
+        t = tl.arange(0, 4)[:, None, None, None]
+        s = tl.arange(0, 4)[None, :, None, None]
+        hh = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 4)[None, None, None, :]
+        if KBITS == 4:  # word 4t + s: low nibbles (hh = 0) then high nibbles
+            dim = 32 * t + 8 * s + 2 * i + hh
+        else:  # words 8t + 2s + hh
+            dim = 32 * t + 8 * s + 4 * hh + i
+        row = ks_base + (loc // GK) * sks_t
+        x = tl.load(q_ptr + pid * 128 + dim) * tl.load(ks_ptr + row + dim).to(tl.float32)  # [4, 4, 2, 4]
+        if KBITS == 4:
+            x = tl.where(hh == 1, x * 0.0625, x)  # high nibbles arrive as 16 * code
+        amax = tl.max(tl.reshape(tl.abs(x), [128]), axis=0)
+        ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
+        ex = tl.minimum(tl.maximum(ex, -100), 100)
+        up = ((148 - ex) << 23).to(tl.float32, bitcast=True)  # 2**(21 - ex): |x| * up < 2**22
+        down = ((106 + ex) << 23).to(tl.float32, bitcast=True)
+        xi = (x * up + 12582912.0).to(tl.int32, bitcast=True) - _I2F  # round to nearest, exact
+        l0 = ((xi + 128) & 255) - 128
+        x1 = (xi - l0) >> 8
+        l1 = ((x1 + 128) & 255) - 128
+        l2 = (x1 - l1) >> 8
+        out = bk_ptr + (pid * G + g) * 96 + tl.arange(0, 4)[:, None, None] * 24 + (
+            2 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 2)[None, None, :])
+        sh = 8 * i
+        tl.store(out, tl.sum((l0 & 255) << sh, axis=3))
+        tl.store(out + 8, tl.sum((l1 & 255) << sh, axis=3))
+        tl.store(out + 16, tl.sum((l2 & 255) << sh, axis=3))
+        d = tl.arange(0, 128)
+        bias = tl.sum(tl.load(q_ptr + pid * 128 + d) * tl.load(kl_ptr + row + d).to(tl.float32), axis=0)
+        tl.store(eb_ptr + (pid * G + g) * 2, down)
+        tl.store(eb_ptr + (pid * G + g) * 2 + 1, bias)
+
+
+_LO4 = tl.constexpr(0x0F0F0F0F)
+_HI4 = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as int32
+
+
+@triton.jit
+def _split4(x):
+    """The 4 columns of ``x`` [32, 4] ([32] each)."""
+    a, b = tl.split(tl.reshape(x, [32, 2, 2]))
+    x0, x2 = tl.split(a)
+    x1, x3 = tl.split(b)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _scores_raw(k_row, loc, n0, end, g, t, u4, skc_t, b00, b01, b10, b11, b20, b21, b30, b31, KBITS: tl.constexpr):
+    """The key product's D fragment, 4 int32 tensors [32, 2 (m-tile)]: lane (g, t) holds tokens
+    ``4g + e`` (m-tile ``e // 2``, row ``g + 8 * (e % 2)``); rows past ``end`` load as 0."""
+    tok = 4 * g
+    if KBITS == 4:  # words 4t .. 4t + 3: word s gives k-step s (low nibbles, then high nibbles)
+        p = k_row + 4 * t + u4
+        w00, w01, w02, w03 = _split4(tl.load(p + (loc + tok) * skc_t, mask=n0 + tok < end, other=0))
+        w10, w11, w12, w13 = _split4(tl.load(p + (loc + tok + 1) * skc_t, mask=n0 + tok + 1 < end, other=0))
+        w20, w21, w22, w23 = _split4(tl.load(p + (loc + tok + 2) * skc_t, mask=n0 + tok + 2 < end, other=0))
+        w30, w31, w32, w33 = _split4(tl.load(p + (loc + tok + 3) * skc_t, mask=n0 + tok + 3 < end, other=0))
+        a00, a01, a02, a03 = _kstep4(w00, w10, w20, w30)
+        a10, a11, a12, a13 = _kstep4(w01, w11, w21, w31)
+        a20, a21, a22, a23 = _kstep4(w02, w12, w22, w32)
+        a30, a31, a32, a33 = _kstep4(w03, w13, w23, w33)
+    else:  # words 8t .. 8t + 7: words 2s, 2s + 1 give k-step s
+        p = k_row + 8 * t + u4
+        w00, w01, w02, w03, w04, w05, w06, w07 = _words8(p, (loc + tok) * skc_t, n0 + tok < end)
+        w10, w11, w12, w13, w14, w15, w16, w17 = _words8(p, (loc + tok + 1) * skc_t, n0 + tok + 1 < end)
+        w20, w21, w22, w23, w24, w25, w26, w27 = _words8(p, (loc + tok + 2) * skc_t, n0 + tok + 2 < end)
+        w30, w31, w32, w33, w34, w35, w36, w37 = _words8(p, (loc + tok + 3) * skc_t, n0 + tok + 3 < end)
+        a00, a01, a02, a03 = _kstep8(w00, w10, w20, w30, w01, w11, w21, w31)
+        a10, a11, a12, a13 = _kstep8(w02, w12, w22, w32, w03, w13, w23, w33)
+        a20, a21, a22, a23 = _kstep8(w04, w14, w24, w34, w05, w15, w25, w35)
+        a30, a31, a32, a33 = _kstep8(w06, w16, w26, w36, w07, w17, w27, w37)
+    return ptx.mma_keys(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33,
+                        b00, b01, b10, b11, b20, b21, b30, b31)
+
+
+@triton.jit
+def _kstep4(w0, w1, w2, w3):
+    """A registers of one k-step from word s of tokens 0-3 (4-bit): rows g (token 0 / 2 for
+    m-tile 0 / 1) and g + 8 (token 1 / 3), low nibbles (k 4t ..) then high nibbles (k 4t + 16 ..)."""
+    r0 = tl.join(w0, w2)
+    r1 = tl.join(w1, w3)
+    return r0 & _LO4, r1 & _LO4, r0 & _HI4, r1 & _HI4
+
+
+@triton.jit
+def _kstep8(w0, w1, w2, w3, v0, v1, v2, v3):
+    """A registers of one k-step (8-bit): word 2s (``w``) and 2s + 1 (``v``) of tokens 0-3."""
+    return tl.join(w0, w2), tl.join(w1, w3), tl.join(v0, v2), tl.join(v1, v3)
+
+
+@triton.jit
+def _words8(p, off, ok):
+    """The 8 words at ``p + off`` (``p`` covers 0-3), each [32]: two 16-byte loads."""
+    x0, x1, x2, x3 = _split4(tl.load(p + off, mask=ok, other=0))
+    x4, x5, x6, x7 = _split4(tl.load(p + off + 4, mask=ok, other=0))
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _value_a(v_row, loc, n0, end, g, t, svc_t, VBITS: tl.constexpr):
+    """A registers of the tile's values, 4 int32 [32, 8 (m-tile)] (register ``2Q + half``):
+    lane (g, t), dimensions ``16g .. 16g + 15`` of tokens ``4t + i + 16Q``, bytes transposed so a
+    register holds the four tokens ``i`` of one dimension."""
+    J: tl.constexpr = 2 if VBITS == 4 else 4
+    p = v_row + J * g + tl.arange(0, J)[None, :]
+    a0, a1 = _value_regs(p, loc, n0, end, 4 * t, svc_t, VBITS)
+    a2, a3 = _value_regs(p, loc, n0, end, 4 * t + 16, svc_t, VBITS)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _value_regs(p, loc, n0, end, tok, svc_t, VBITS: tl.constexpr):
+    """The two A registers (half 0, 1) of tokens ``tok .. tok + 3``."""
+    w0 = tl.load(p + (loc + tok) * svc_t, mask=n0 + tok < end, other=0)
+    w1 = tl.load(p + (loc + tok + 1) * svc_t, mask=n0 + tok + 1 < end, other=0)
+    w2 = tl.load(p + (loc + tok + 2) * svc_t, mask=n0 + tok + 2 < end, other=0)
+    w3 = tl.load(p + (loc + tok + 3) * svc_t, mask=n0 + tok + 3 < end, other=0)
+    r0, r1, r2, r3 = ptx.transpose4(w0, w1, w2, w3)  # byte b of the four tokens, [32, J]
+    if VBITS == 4:  # m-tile (J, i, jj) from byte i + 2jj; half 0 / 1: low / high nibbles
+        v = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [32, 8])
+        return v & _LO4, v & _HI4
+    else:  # m-tile (J, jj), half i: byte i + 2jj
+        return tl.reshape(tl.join(r0, r2), [32, 8]), tl.reshape(tl.join(r1, r3), [32, 8])
+
+
+@triton.jit
+def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
+    """int32 value accumulators (the D fragment, [32, 8] each) -> float32 [32, 8] of half 0 and 1:
+    the lane's columns weighted (``w0``/``w1``: columns ``2t``/``2t + 1``, times ``h0``/``h1`` per
+    half), summed over the 4 lanes of the group."""
+    x0 = c0.to(tl.float32) * (w0 * h0) + c1.to(tl.float32) * (w1 * h0)
+    x1 = c2.to(tl.float32) * (w0 * h1) + c3.to(tl.float32) * (w1 * h1)
+    return ptx.bfly(ptx.bfly(x0, 1), 2), ptx.bfly(ptx.bfly(x1, 1), 2)
+
+
+@triton.jit
+def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
+                   skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+                   T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                   KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE: tl.constexpr):
+    pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
+                                                                 32, PAGED)
+    end = tl.minimum(T, t_hi * 32)
+    lane = tl.arange(0, 32)
+    g = (lane // 4)[:, None]  # [32, 1]
+    t = (lane % 4)[:, None]
+    u4 = tl.arange(0, 4)[None, :]
+
+    # ---- the split's largest value scale fixes the values' fixed point: p * scale * F < 2**23
+    s_max = tl.zeros([16, 32, 2], tl.float32)
+    for c0 in range(t_lo, t_hi, 16):
+        tiles = c0 + tl.arange(0, 16)[:, None, None]
+        locs, _, _, _, vsb = _tile_bases(tiles * 32, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0, svs_b, svs_h, PAGED,
+                                         PAGE)
+        tok = tl.arange(0, 32)[None, :, None]
+        ok = (tiles < t_hi) & (tiles * 32 + tok < end)
+        sv = tl.load(vs_ptr + vsb + (locs + tok) * svs_t + tl.arange(0, 2)[None, None, :], mask=ok, other=0.0)
+        s_max = tl.maximum(s_max, sv.to(tl.float32))
+    s_top = tl.max(tl.reshape(s_max, [1024]), axis=0)
+    f = tl.where(s_top > 0, 1.0 / (s_top * _P_MAX) * _X_RANGE, 0.0)
+    f_lane = tl.where(g < 6, f, 0.0)  # value B columns: 3 limbs x 2 groups, 6 and 7 unused
+    sel = (g % 3) * 17 + 64  # prmt selector of byte g % 3
+    gs = tl.minimum(g // 3, 1)  # the value group of the lane's B column
+    gl = g // 4  # the value group of the lane's output dimensions 16g .. 16g + 15
+    # key columns of lane t: 2t, 2t + 1 are limbs 0-2 (weights 1, 256, 65536)
+    wk0 = tl.where(t == 0, 1.0, tl.where(t == 1, 65536.0, 0.0))
+    wk1 = tl.where(t == 0, 256.0, 0.0)
+    # value columns 2t + c (c = 0, 1): limb col % 3 of group col // 3, kept where it is the lane's group
+    col0 = 2 * t
+    col1 = 2 * t + 1
+    wv0 = tl.where((col0 < 6) & (col0 // 3 == gl), tl.where(col0 % 3 == 0, 1.0, tl.where(col0 % 3 == 1, 256.0,
+                                                                                           65536.0)), 0.0)
+    wv1 = tl.where((col1 < 6) & (col1 // 3 == gl), tl.where(col1 % 3 == 0, 1.0, tl.where(col1 % 3 == 1, 256.0,
+                                                                                           65536.0)), 0.0)
+    inv_f = tl.where(f > 0, 1.0 / f, 0.0)
+    if VBITS == 4:  # rows g + 8 hold high nibbles: 16 * code
+        h1 = 0.0625 * inv_f
+    else:
+        h1 = inv_f
+
+    m_ref = tl.max(tl.full([32], -1.0e30, tl.float32), axis=0)
+    l_p = tl.zeros([32, 4], tl.float32)
+    c0 = tl.zeros([32, 8], tl.int32)
+    c1 = tl.zeros([32, 8], tl.int32)
+    c2 = tl.zeros([32, 8], tl.int32)
+    c3 = tl.zeros([32, 8], tl.int32)
+    acc0 = tl.zeros([32, 8], tl.float32)
+    acc1 = tl.zeros([32, 8], tl.float32)
+    acc_lo = tl.zeros([32, 4, 2], tl.float32)
+    since = 0
+    e4 = tl.arange(0, 4)[None, :]
+    for tile in range(t_lo, t_hi):
+        n0 = tile * 32
+        loc, k_base, _, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h,
+                                                      svs_b, svs_h, PAGED, PAGE)
+        grp = n0 // GK
+
+        # ---- scores: lanes t = 0 end with tokens 4g .. 4g + 3
+        bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
+        b00, b01, b10, b11 = _split4(tl.load(bko, mask=g < 3, other=0))
+        b20, b21, b30, b31 = _split4(tl.load(bko + 4, mask=g < 3, other=0))
+        d0, d1, d2, d3 = _scores_raw(kc_ptr + k_base, loc, n0, end, g, t, u4, skc_t, b00[:, None], b01[:, None],
+                                     b10[:, None], b11[:, None], b20[:, None], b21[:, None], b30[:, None],
+                                     b31[:, None], KBITS)
+        # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
+        x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
+        x1 = _i2f(d2) * wk0 + _i2f(d3) * wk1
+        x = tl.join(ptx.bfly(x0, 1), ptx.bfly(x1, 1))  # [32, 2 (m-tile), 2 (row half)]
+        e = tl.load(eb_ptr + (pid * G + grp) * 2)
+        bias = tl.load(eb_ptr + (pid * G + grp) * 2 + 1)
+        tok = n0 + 4 * g + e4
+        s = tl.reshape(x, [32, 4]) * e + bias
+        s = tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
+        s_hi = tl.max(tl.max(s, axis=1), axis=0)
+
+        # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
+        grow = s_hi > m_ref + _TAU
+        if grow | (since >= _FLUSH_TILES):
+            m_new = tl.where(grow, s_hi, m_ref)
+            alpha = tl.math.exp2(m_ref - m_new)
+            f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
+            acc0 = (acc0 + f0) * alpha
+            acc1 = (acc1 + f1) * alpha
+            c0 = tl.zeros([32, 8], tl.int32)
+            c1 = tl.zeros([32, 8], tl.int32)
+            c2 = tl.zeros([32, 8], tl.int32)
+            c3 = tl.zeros([32, 8], tl.int32)
+            acc_lo = acc_lo * alpha
+            l_p = l_p * alpha
+            m_ref = m_new
+            since = 0
+        p = tl.math.exp2(s - m_ref)
+        l_p += p
+
+        # ---- values: B = p * scale in fixed point, limb g % 3 of group g // 3, for the lane's tokens
+        p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
+        pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
+        p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
+        p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
+        tv = 4 * t[:, :, None] + tl.arange(0, 4)[None, :, None] + 16 * tl.arange(0, 2)[None, None, :]
+        vmask = n0 + tv < end
+        vs_off = vs_base + (loc + tv) * svs_t
+        sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=vmask, other=0.0).to(tl.float32)
+        lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=vmask, other=0.0).to(tl.float32)
+        acc_lo += p8 * lv
+        xb = (p8 * (f_lane[:, :, None] * sv) + 8388608.0).to(tl.int32, bitcast=True)  # bytes 0-2: the limbs
+        xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
+        x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
+        x0, x2 = tl.split(x02)
+        x1, x3 = tl.split(x13)
+        bv0, bv1 = tl.split(ptx.gather_byte(x0, x1, x2, x3, sel))  # tokens 4t + i, 4t + 16 + i
+        a0, a1, a2, a3 = _value_a(vc_ptr + v_base, loc, n0, end, g, t, svc_t, VBITS)
+        c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
+        since += 1
+
+    # ---- this split's partial result
+    f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
+    lo = tl.sum(tl.sum(acc_lo, axis=2), axis=1)[:, None]  # [32, 1]: this lane's tokens, group gl
+    lo = ptx.bfly(ptx.bfly(lo, 1), 2)
+    ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
+    tl.store(m_ptr + ps_idx * M + rq, m_ref)
+    tl.store(l_ptr + ps_idx * M + rq, tl.sum(tl.sum(l_p, axis=1), axis=0))
+    mt = tl.arange(0, 8)[None, :]
+    if VBITS == 4:  # m-tile (J, i, jj), half nu: dimension 8J + 2i + 4jj + nu
+        dim = 8 * (mt // 4) + 2 * ((mt // 2) % 2) + 4 * (mt % 2)
+    else:  # m-tile (J, jj), half i: dimension 4J + i + 2jj
+        dim = 4 * (mt // 2) + 2 * (mt % 2)
+    o_row = o_ptr + (ps_idx * M + rq) * 128 + 16 * g + dim
+    tl.store(o_row, acc0 + f0 + lo, mask=t == 0)
+    tl.store(o_row + 1, acc1 + f1 + lo, mask=t == 0)
+
+
+@triton.jit
+def _i2f(c):
+    """int32 below 2**22 in magnitude as float32, exactly (no I2F: an add into 1.5 * 2**23's mantissa)."""
+    return (c + _I2F).to(tl.float32, bitcast=True) - 12582912.0
+
+
+def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
+           tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple) -> None:
+    """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
+
+    ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
+    ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
+    (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
+    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; tiles are 32 tokens.
+    """
+    kc, ks, kl, skc, sks = kside
+    vc, vs, vl, svc, svs = vside
+    tbl, lens, stbl, page, paged = table
+    rows = q2.shape[0] * m_rows
+    g = triton.cdiv(T, gk)
+    bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
+    eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
+    _key_operands_kernel[(rows, g)](q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk,
+                                    PAGED=paged, PAGE=page, num_warps=1)
+    _decode_kernel[(rows, n_splits)](
+        bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
+        T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
+        PAGE=page, num_warps=1, num_stages=1)

@@ -1,0 +1,203 @@
+"""Inline-PTX pieces of the integer matrix-unit kernel (``decode_imma``), with numpy emulations.
+
+Each helper works on per-lane tensors: a ``[32, ...]`` tensor of one warp whose row ``l`` is
+what lane ``l`` holds (the kernels' tensors all keep dimension 0 on the lanes). Every operand of
+a fragment is a tensor of its own and the asm runs once per element (``pack=1``), because the
+order of a thread's registers within a tensor is Triton's choice (it follows permutes). Under ``TRITON_INTERPRET=1``
+there is no PTX: ``emulate_in_interpreter`` teaches the interpreter each asm string through its
+numpy emulation here, which implements the PTX ISA's fragment layouts, so the kernel runs (and
+is tested) on CPU with the same lane arithmetic it has on the GPU.
+
+Fragments of ``mma.sync.aligned.m16n8k32`` (8-bit A and B, int32 C), lane ``l``: group
+``g = l // 4``, ``t = l % 4``. A (16 x 32, row): register 0 holds ``A[g, 4t .. 4t + 3]``,
+1 ``A[g + 8, 4t ..]``, 2 ``A[g, 4t + 16 ..]``, 3 ``A[g + 8, 4t + 16 ..]`` (byte ``i`` = column
+``+ i``). B (32 x 8, col): register 0 ``B[4t .. 4t + 3, g]``, 1 ``B[4t + 16 .., g]``.
+C/D (16 x 8): ``D[g, 2t]``, ``D[g, 2t + 1]``, ``D[g + 8, 2t]``, ``D[g + 8, 2t + 1]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton
+import triton.language as tl
+
+_MMA_KEYS = tl.constexpr("".join(
+    ["mov.b32 $0, 0;\n mov.b32 $1, 0;\n mov.b32 $2, 0;\n mov.b32 $3, 0;\n"]
+    + [f"mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0,$1,$2,$3}}, {{${4 + 4 * s},${5 + 4 * s},"
+       f"${6 + 4 * s},${7 + 4 * s}}}, {{${20 + 2 * s},${21 + 2 * s}}}, {{$0,$1,$2,$3}};\n" for s in range(4)]))
+_MMA_VALUES = tl.constexpr("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                           "{$10,$11,$12,$13};")
+_BFLY = tl.constexpr("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;")
+_SPREAD = tl.constexpr("{ .reg .u32 l, s0, s1;\n mov.u32 l, %laneid;\n and.b32 l, l, 3;\n shl.b32 s0, l, 2;\n"
+                       " add.u32 s1, s0, 16;\n"
+                       + "".join(f"shfl.sync.idx.b32 ${j}, ${8 + j}, s0, 0x1f, 0xffffffff;\n" for j in range(4))
+                       + "".join(f"shfl.sync.idx.b32 ${4 + j}, ${8 + j}, s1, 0x1f, 0xffffffff;\n" for j in range(4))
+                       + "}")
+_TRANSPOSE = tl.constexpr("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;\n prmt.b32 y, $4, $5, 0x7362;\n"
+                          " prmt.b32 z, $6, $7, 0x5140;\n prmt.b32 w, $6, $7, 0x7362;\n prmt.b32 $0, x, z, 0x5410;\n"
+                          " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
+_GATHER = tl.constexpr("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
+                       " prmt.b32 $0, y, z, 0x5410; }")
+_C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
+_C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
+_C_SPREAD = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
+
+
+@triton.jit
+def mma_keys(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33,
+             b00, b01, b10, b11, b20, b21, b30, b31):
+    """Scores of a 16-token m-tile over 128 dimensions: four chained ``m16n8k32`` (u8 codes x s8).
+
+    ``a<s><r>``: A register ``r`` of k-step ``s``; ``b<s><r>``: B register ``r`` of k-step ``s``
+    (int32 tensors of one shape, one element per m-tile). Returns the D fragment, 4 int32 tensors.
+    Every operand is a separate tensor (``pack=1``): the asm never depends on register order.
+    """
+    return tl.inline_asm_elementwise(_MMA_KEYS, _C_KEYS, [a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23,
+                                                          a30, a31, a32, a33, b00, b01, b10, b11, b20, b21, b30, b31],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def mma_values(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """``C + A @ B`` (``m16n8k32``, u8 x u8 -> int32), one per element: the A registers ``a0-a3``,
+    the B registers ``b0``, ``b1``, the C fragment ``c0-c3``. Returns the D fragment (4 tensors)."""
+    return tl.inline_asm_elementwise(_MMA_VALUES, _C_VALUES, [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def bfly(x, MASK: tl.constexpr):
+    """float32 ``x`` plus ``x`` of lane ``l ^ MASK``."""
+    y = tl.inline_asm_elementwise(_BFLY, "=r,r,r", [x.to(tl.int32, bitcast=True), tl.zeros(x.shape, tl.int32) + MASK],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+    return x + y.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def spread_p(p0, p1, p2, p3):
+    """Lane ``(g, t)`` gets ``p0-p3`` of lane ``4t`` and of lane ``4t + 16`` (int32 bits): 8 tensors."""
+    return tl.inline_asm_elementwise(_SPREAD, _C_SPREAD, [p0, p1, p2, p3],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32,
+                                            tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def transpose4(a, b, c, d):
+    """4 x 4 byte transpose: output ``j`` holds byte ``j`` of ``a``, ``b``, ``c``, ``d`` (int32 words)."""
+    return tl.inline_asm_elementwise(_TRANSPOSE, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def gather_byte(x0, x1, x2, x3, sel):
+    """One word of byte ``L`` of ``x0 .. x3`` (in that order); ``sel`` = ``L | (L + 4) << 4``."""
+    return tl.inline_asm_elementwise(_GATHER, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+# ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
+
+def _bytes(regs: np.ndarray) -> np.ndarray:
+    """int32 [..., r] -> uint8 [..., r, 4], byte 0 the least significant."""
+    return np.ascontiguousarray(regs).astype("<i4").view(np.uint8).reshape(*regs.shape, 4)
+
+
+def _lanes(x: np.ndarray) -> np.ndarray:
+    """[32, ...] -> [32, n]: lane-major, one column per instance."""
+    return np.ascontiguousarray(x).astype(np.int32).reshape(32, -1)
+
+
+def _mma(a_regs: list, b_regs: list, c: list, b_signed: bool) -> list:
+    """One warp's m16n8k32 for each instance: 4 A, 2 B and 4 C arrays [32, n] -> 4 D arrays."""
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    ab = _bytes(np.stack([_lanes(x) for x in a_regs], -1)).astype(np.int64)  # [32, n, 4, 4]
+    bb = _bytes(np.stack([_lanes(x) for x in b_regs], -1))
+    bb = (bb.view(np.int8) if b_signed else bb).astype(np.int64)  # [32, n, 2, 4]
+    n = ab.shape[1]
+    A = np.zeros((n, 16, 32), np.int64)
+    B = np.zeros((n, 32, 8), np.int64)
+    for i in range(4):
+        A[:, g, 4 * t + i] = ab[:, :, 0, i].T
+        A[:, g + 8, 4 * t + i] = ab[:, :, 1, i].T
+        A[:, g, 4 * t + 16 + i] = ab[:, :, 2, i].T
+        A[:, g + 8, 4 * t + 16 + i] = ab[:, :, 3, i].T
+        B[:, 4 * t + i, g] = bb[:, :, 0, i].T
+        B[:, 4 * t + 16 + i, g] = bb[:, :, 1, i].T
+    D = A @ B
+    d = [D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1]]  # [n, 32] each
+    return [(x.T + _lanes(cc)).astype(np.int64).astype(np.int32).reshape(np.shape(cc)) for x, cc in zip(d, c)]
+
+
+def _emu_mma_keys(*ops):
+    a, b = ops[:16], ops[16:]
+    d = [np.zeros_like(a[0]) for _ in range(4)]
+    for s in range(4):
+        d = _mma(a[4 * s:4 * s + 4], b[2 * s:2 * s + 2], d, True)
+    return d
+
+
+def _emu_mma_values(*ops):
+    return _mma(ops[:4], ops[4:6], ops[6:], False)
+
+
+def _emu_bfly(x, mask):
+    m = int(np.asarray(mask).reshape(32, -1)[0, 0])
+    return [np.ascontiguousarray(x)[np.arange(32) ^ m]]
+
+
+def _emu_spread(*p):
+    t = np.arange(32) % 4
+    return [np.ascontiguousarray(x)[4 * t] for x in p] + [np.ascontiguousarray(x)[4 * t + 16] for x in p]
+
+
+def _emu_transpose(a, b, c, d):
+    words = np.stack([_bytes(np.asarray(x)) for x in (a, b, c, d)], -1)  # [..., 4 (byte), 4 (word)]
+    return [np.ascontiguousarray(words[..., j, :]).view("<i4")[..., 0] for j in range(4)]
+
+
+def _emu_gather(x0, x1, x2, x3, sel):
+    lb = np.asarray(sel) & 0xF
+    words = np.stack([_bytes(np.asarray(x)) for x in (x0, x1, x2, x3)], -2)  # [..., 4 (word), 4 (byte)]
+    picked = np.take_along_axis(words, np.broadcast_to(lb[..., None, None], words.shape[:-1] + (1,)), -1)
+    return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
+
+
+_EMULATIONS = {_MMA_KEYS.value: _emu_mma_keys, _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
+               _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather}
+
+
+def emulate_in_interpreter() -> None:
+    """Let Triton's interpreter run this module's asm strings through their numpy emulations.
+
+    Only these strings: any other inline asm still raises as before. Idempotent.
+    """
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_inline_asm, "_lmcache", False):
+        return
+    original = builder.create_inline_asm
+
+    def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        fn = _EMULATIONS.get(asm)
+        if fn is None:
+            return original(self, asm, constraints, values, types, is_pure, pack)
+        shape = np.broadcast_shapes(*(v.data.shape for v in values))
+        outs = fn(*(_as_int32(np.broadcast_to(v.data, shape)) for v in values))
+        return _Results([interpreter.TensorHandle(np.asarray(o, np.int32).reshape(shape), tl.int32) for o in outs])
+
+    create_inline_asm._lmcache = True
+    builder.create_inline_asm = create_inline_asm
+
+
+def _as_int32(x: np.ndarray) -> np.ndarray:
+    return x.view(np.int32) if x.dtype == np.float32 else x.astype(np.int32)
+
+
+class _Results:
+    def __init__(self, handles):
+        self._handles = handles
+
+    def get_result(self, i):
+        return self._handles[i]
