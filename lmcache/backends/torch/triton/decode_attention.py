@@ -84,7 +84,8 @@ CONFIG = {
     # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process
     # (the sweep in decode_attention-NVIDIA-H200.json): 4-bit 1.62 ms (decode_mma 1.65), 8-bit
     # 1.97 ms (qrows 2.56); on another lent H200, 1.34 (1.38) and 1.77 (2.50). Programs per SM
-    # 64-256 within 5%; a register cap of 128 (spilling) was slower, 1.50 / 1.86 ms.
+    # 64-256 within 5%; a register cap of 128 (spilling): 4-bit 1.50 ms vs 1.40 uncapped in
+    # that run, 8-bit 1.86 vs 1.94 (not taken: one run, within the spread between cards).
     "imma": True,
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
