@@ -103,11 +103,12 @@ def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
-    runs at three programs-per-SM settings. Without it, 4-bit caches use ``CONFIG["qrows"]`` (its
-    "mma" entry: the float16 matrix-unit kernel of ``decode_mma``), caches with 8-bit codes
-    ``CONFIG["qrows8"]``: each is tried at several tile sizes, warps and prefetch settings, then
-    programs per SM (shared, chosen on 4-bit). The older row kernel runs once on each, for
-    reference. The integer kernel is kept if it is the fastest at both widths.
+    runs with 1 and 2 tiles' loads issued together, at three programs-per-SM settings. Without
+    it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of
+    ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
+    sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The older
+    row kernel runs once on each, for reference. The integer kernel is kept if it is the fastest
+    at both widths.
     """
     trials = []
     use_imma = da.CONFIG["imma"]
@@ -117,7 +118,10 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["programs_per_sm"] = pps or saved[0]
         da.CONFIG["rows"] = {**saved[1], "qrows": qrows}
         da.CONFIG["imma"] = key == "imma"
-        if key != "imma":
+        unroll = da.CONFIG["imma_unroll"]
+        if key == "imma":
+            da.CONFIG["imma_unroll"] = {**unroll, bits: cfg["unroll"]}
+        else:
             da.CONFIG[key] = dict(cfg)
         res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
                "programs_per_sm": da.CONFIG["programs_per_sm"]}
@@ -126,7 +130,7 @@ def sweep(caches, q, scale) -> dict:
         except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
             res["ms"], res["error"] = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
         da.CONFIG["programs_per_sm"], da.CONFIG["rows"] = saved[:2]
-        da.CONFIG["imma"] = False
+        da.CONFIG["imma"], da.CONFIG["imma_unroll"] = False, unroll
         if key != "imma":
             da.CONFIG[key] = saved[2]
         print(f"  {bits}-bit {res['config']} pps={res['programs_per_sm']} {cfg}: {res['ms']:.3f} ms", flush=True)
@@ -155,11 +159,13 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        imma = {bits: min((trial(bits, "imma", {}, pps=pps) for pps in ((64, 128, 256) if DEV == "cuda" else (64,))),
-                          key=lambda t: t["ms"]) for bits in (4, 8)}
+        grid = [(u, pps) for u in (1, 2) for pps in (64, 128, 256)] if DEV == "cuda" else [(1, 64)]
+        imma = {bits: min((trial(bits, "imma", {"unroll": u}, pps=pps) for u, pps in grid), key=lambda t: t["ms"])
+                for bits in (4, 8)}
         if all(imma[b]["ms"] < best[b]["ms"] for b in (4, 8)):
             best = imma
             da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
+            da.CONFIG["imma_unroll"] = {b: imma[b]["settings"]["unroll"] for b in (4, 8)}
         else:
             use_imma = False
     da.CONFIG["imma"] = use_imma

@@ -256,28 +256,30 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("flush_tiles", [1024, 2])
-def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
+@pytest.mark.parametrize("flush_tiles,unroll", [(1024, 1), (1024, 2), (2, 1)])
+def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, unroll):
     """Scores that climb along the sequence (the softmax reference moves and the integer value
     sums fold many times), a few tokens far above the rest, value scales that differ by 1000x
-    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path)."""
+    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path).
+    ``unroll``: tiles whose loads are issued together (an odd count of tiles: 11)."""
     import triton.language as tl
 
     from lmcache.backends.torch.triton import decode_imma
 
     calls = _imma_calls(monkeypatch)
+    monkeypatch.setitem(da.CONFIG, "imma_unroll", {4: unroll, 8: unroll})
     if flush_tiles != 1024:
         if DEVICE != "cpu":
             pytest.skip("the fold interval is a compile-time constant: patched under the interpreter only")
         monkeypatch.setattr(decode_imma, "_FLUSH_TILES", tl.constexpr(flush_tiles))
-    n = 320
+    n = 352
     q = torch.from_numpy(rng.standard_normal((1, 2, 1, 128)).astype(np.float32))
     k = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
     k += torch.linspace(0, 6, n + 3)[None, None, :, None] * q[:, :, :, :] / q.norm(dim=-1, keepdim=True)
     k[:, :, 200] += 4 * q[:, :, 0]
     v = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
     v[:, :, ::7] *= 1000.0
-    ks, vs = QuantSpec(4, 64, -2), QuantSpec(8, 64, -1)
+    ks, vs = QuantSpec(4, 32, -2), QuantSpec(8, 64, -1)
     kh, vh = k.half().to(DEVICE), v.half().to(DEVICE)
     segs = [(QuantBlock(*quantize(kh[:, :, :n], ks), ks), QuantBlock(*quantize(vh[:, :, :n], vs), vs)),
             (kh[:, :, n:], vh[:, :, n:])]

@@ -81,12 +81,14 @@ CONFIG = {
     "qrows8": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
     # 4- and 8-bit K and V with head dim 128 (one or two query rows per KV head) take
-    # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process
-    # (the sweep in decode_attention-NVIDIA-H200.json): 4-bit 1.62 ms (decode_mma 1.65), 8-bit
-    # 1.97 ms (qrows 2.56); on another lent H200, 1.34 (1.38) and 1.77 (2.50). Programs per SM
-    # 64-256 within 5%; a register cap of 128 (spilling): 4-bit 1.50 ms vs 1.40 uncapped in
-    # that run, 8-bit 1.86 vs 1.94 (not taken: one run, within the spread between cards).
+    # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process,
+    # two repetitions (decode_imma-ab-NVIDIA-H200.json): 4-bit 1.22-1.26 ms with one tile's loads
+    # issued at a time (two at a time 1.43-1.50, 220 registers), the first version 1.37-1.62; 8-bit
+    # 1.77-1.96 ms either way (the first version 1.79-1.94, qrows 2.50-2.56 in earlier runs).
+    # Programs per SM 64-256 within 5%; a register cap of 128 (spilling): 4-bit 1.50 ms vs 1.40
+    # uncapped in that run, 8-bit 1.86 vs 1.94 (not taken: one run, within the spread between cards).
     "imma": True,
+    "imma_unroll": {4: 1, 8: 1},  # tiles whose loads decode_imma issues together, by the wider side's bits
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
@@ -764,7 +766,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
 
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None))
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_unroll"][max(kb[0][0], vb[0][0])])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

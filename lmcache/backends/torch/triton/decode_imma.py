@@ -60,6 +60,7 @@ def supported(side_k, side_v, device: torch.device, page: int | None = None) -> 
     ks, vs = side_k.spec, side_v.spec
     gk = ks.group_size
     return (ks.bits in (4, 8) and vs.bits in (4, 8) and side_k.codes.shape[-1] * ks.per_byte == 128
+            and side_k.codes.shape[2] % TILE == 0
             and side_v.codes.shape[-1] * vs.per_byte == 128 and vs.group_size == 64 and gk >= TILE
             and gk & (gk - 1) == 0 and side_k.scale.dtype != torch.float32 and side_v.scale.dtype != torch.float32
             and (page is None or page % TILE == 0))
@@ -122,32 +123,104 @@ def _split4(x):
 
 
 @triton.jit
-def _scores_raw(k_row, loc, n0, end, g, t, u4, skc_t, b00, b01, b10, b11, b20, b21, b30, b31, KBITS: tl.constexpr):
-    """The key product's D fragment, 4 int32 tensors [32, 2 (m-tile)]: lane (g, t) holds tokens
-    ``4g + e`` (m-tile ``e // 2``, row ``g + 8 * (e % 2)``); rows past ``end`` load as 0."""
+def _tile_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr,
+                tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, KBITS: tl.constexpr,
+                VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                SCONTIG: tl.constexpr):
+    """Everything tile ``tile`` reads, issued together: the key B registers, ``2**-e`` and bias,
+    key words of tokens ``4g + e`` (4-bit [32, 4], 8-bit [32, 4, 2]), value words of tokens
+    ``4t + i + 16Q`` ([32, J] each, Q-major), value scales and offsets [32, 4 (i), 2 (Q)]. Nothing
+    from ``end`` on (a multiple of 32: segments hold whole key groups, so a tile is all in or all
+    out); a tile past ``t_hi`` reads (masked) at the last tile's addresses."""
+    n0 = tile * 32
+    ok = n0 + tl.zeros([32, 1], tl.int32) < end
+    at = tl.minimum(tile, t_hi - 1) * 32
+    loc, k_base, _, v_base, vs_base = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b,
+                                                  svs_h, PAGED, PAGE)
+    grp = at // GK
+    bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
+    kb01 = tl.load(bko, mask=g < 3, other=0)
+    kb23 = tl.load(bko + 4, mask=g < 3, other=0)
+    e = tl.load(eb_ptr + (pid * G + grp) * 2)
+    bias = tl.load(eb_ptr + (pid * G + grp) * 2 + 1)
     tok = 4 * g
-    if KBITS == 4:  # words 4t .. 4t + 3: word s gives k-step s (low nibbles, then high nibbles)
-        p = k_row + 4 * t + u4
-        w00, w01, w02, w03 = _split4(tl.load(p + (loc + tok) * skc_t, mask=n0 + tok < end, other=0))
-        w10, w11, w12, w13 = _split4(tl.load(p + (loc + tok + 1) * skc_t, mask=n0 + tok + 1 < end, other=0))
-        w20, w21, w22, w23 = _split4(tl.load(p + (loc + tok + 2) * skc_t, mask=n0 + tok + 2 < end, other=0))
-        w30, w31, w32, w33 = _split4(tl.load(p + (loc + tok + 3) * skc_t, mask=n0 + tok + 3 < end, other=0))
+    if KBITS == 4:  # words 4t .. 4t + 3
+        p = kc_ptr + k_base + 4 * t + u4
+        k0 = tl.load(p + (loc + tok) * skc_t, mask=ok, other=0)
+        k1 = tl.load(p + (loc + tok + 1) * skc_t, mask=ok, other=0)
+        k2 = tl.load(p + (loc + tok + 2) * skc_t, mask=ok, other=0)
+        k3 = tl.load(p + (loc + tok + 3) * skc_t, mask=ok, other=0)
+    else:  # words 8t .. 8t + 7, two 16-byte loads
+        p = kc_ptr + k_base + 8 * t + u4
+        k0 = _load8(p + (loc + tok) * skc_t, ok)
+        k1 = _load8(p + (loc + tok + 1) * skc_t, ok)
+        k2 = _load8(p + (loc + tok + 2) * skc_t, ok)
+        k3 = _load8(p + (loc + tok + 3) * skc_t, ok)
+    J: tl.constexpr = 2 if VBITS == 4 else 4
+    pv = vc_ptr + v_base + J * g + tl.arange(0, J)[None, :]
+    tv = 4 * t
+    v00 = tl.load(pv + (loc + tv) * svc_t, mask=ok, other=0)
+    v01 = tl.load(pv + (loc + tv + 1) * svc_t, mask=ok, other=0)
+    v02 = tl.load(pv + (loc + tv + 2) * svc_t, mask=ok, other=0)
+    v03 = tl.load(pv + (loc + tv + 3) * svc_t, mask=ok, other=0)
+    v10 = tl.load(pv + (loc + tv + 16) * svc_t, mask=ok, other=0)
+    v11 = tl.load(pv + (loc + tv + 17) * svc_t, mask=ok, other=0)
+    v12 = tl.load(pv + (loc + tv + 18) * svc_t, mask=ok, other=0)
+    v13 = tl.load(pv + (loc + tv + 19) * svc_t, mask=ok, other=0)
+    if SCONTIG:  # [.., T, 2] scales: four tokens' two groups in one 16-byte load
+        so = vs_base + (loc + tv) * 2 + tl.arange(0, 8)[None, :]
+        sv = _pick_group(tl.load(vs_ptr + so, mask=ok, other=0.0), tl.load(vs_ptr + so + 32, mask=ok, other=0.0), gs)
+        lv = _pick_group(tl.load(vl_ptr + so, mask=ok, other=0.0), tl.load(vl_ptr + so + 32, mask=ok, other=0.0), gl)
+    else:
+        ts = tv[:, :, None] + tl.arange(0, 4)[None, :, None] + 16 * tl.arange(0, 2)[None, None, :]
+        vs_off = vs_base + (loc + ts) * svs_t
+        sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok, other=0.0)
+        lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok, other=0.0)
+    return n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
+
+
+@triton.jit
+def _pick_group(x0, x1, grp):
+    """Value group ``grp`` [32, 1] of four tokens' (group 0, group 1) pairs, [32, 8] for Q = 0
+    (``x0``) and 1 (``x1``): [32, 4 (i), 2 (Q)]."""
+    a0, b0 = tl.split(tl.reshape(x0, [32, 4, 2]))
+    a1, b1 = tl.split(tl.reshape(x1, [32, 4, 2]))
+    return tl.join(tl.where(grp == 0, a0, b0), tl.where(grp == 0, a1, b1))
+
+
+@triton.jit
+def _load8(p, ok):
+    """Words 0-7 at ``p`` (which covers 0-3) as [32, 4, 2]: word ``u + 4 * last``."""
+    return tl.join(tl.load(p, mask=ok, other=0), tl.load(p + 4, mask=ok, other=0))
+
+
+@triton.jit
+def _key_d(k0, k1, k2, k3, kb01, kb23, KBITS: tl.constexpr):
+    """The key product's D fragment, 4 int32 [32, 2 (m-tile)]: lane (g, t) holds tokens ``4g + e``
+    (m-tile ``e // 2``, row ``g + 8 * (e % 2)``)."""
+    b00, b01, b10, b11 = _split4(kb01)
+    b20, b21, b30, b31 = _split4(kb23)
+    if KBITS == 4:  # word s gives k-step s: low nibbles, then high nibbles
+        w00, w01, w02, w03 = _split4(k0)
+        w10, w11, w12, w13 = _split4(k1)
+        w20, w21, w22, w23 = _split4(k2)
+        w30, w31, w32, w33 = _split4(k3)
         a00, a01, a02, a03 = _kstep4(w00, w10, w20, w30)
         a10, a11, a12, a13 = _kstep4(w01, w11, w21, w31)
         a20, a21, a22, a23 = _kstep4(w02, w12, w22, w32)
         a30, a31, a32, a33 = _kstep4(w03, w13, w23, w33)
-    else:  # words 8t .. 8t + 7: words 2s, 2s + 1 give k-step s
-        p = k_row + 8 * t + u4
-        w00, w01, w02, w03, w04, w05, w06, w07 = _words8(p, (loc + tok) * skc_t, n0 + tok < end)
-        w10, w11, w12, w13, w14, w15, w16, w17 = _words8(p, (loc + tok + 1) * skc_t, n0 + tok + 1 < end)
-        w20, w21, w22, w23, w24, w25, w26, w27 = _words8(p, (loc + tok + 2) * skc_t, n0 + tok + 2 < end)
-        w30, w31, w32, w33, w34, w35, w36, w37 = _words8(p, (loc + tok + 3) * skc_t, n0 + tok + 3 < end)
+    else:  # words 2s, 2s + 1 give k-step s
+        w00, w01, w02, w03, w04, w05, w06, w07 = _words8(k0)
+        w10, w11, w12, w13, w14, w15, w16, w17 = _words8(k1)
+        w20, w21, w22, w23, w24, w25, w26, w27 = _words8(k2)
+        w30, w31, w32, w33, w34, w35, w36, w37 = _words8(k3)
         a00, a01, a02, a03 = _kstep8(w00, w10, w20, w30, w01, w11, w21, w31)
         a10, a11, a12, a13 = _kstep8(w02, w12, w22, w32, w03, w13, w23, w33)
         a20, a21, a22, a23 = _kstep8(w04, w14, w24, w34, w05, w15, w25, w35)
         a30, a31, a32, a33 = _kstep8(w06, w16, w26, w36, w07, w17, w27, w37)
     return ptx.mma_keys(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33,
-                        b00, b01, b10, b11, b20, b21, b30, b31)
+                        b00[:, None], b01[:, None], b10[:, None], b11[:, None], b20[:, None], b21[:, None],
+                        b30[:, None], b31[:, None])
 
 
 @triton.jit
@@ -166,32 +239,18 @@ def _kstep8(w0, w1, w2, w3, v0, v1, v2, v3):
 
 
 @triton.jit
-def _words8(p, off, ok):
-    """The 8 words at ``p + off`` (``p`` covers 0-3), each [32]: two 16-byte loads."""
-    x0, x1, x2, x3 = _split4(tl.load(p + off, mask=ok, other=0))
-    x4, x5, x6, x7 = _split4(tl.load(p + off + 4, mask=ok, other=0))
+def _words8(k):
+    """The 8 words of a [32, 4, 2] load pair, each [32]: word ``u + 4 * last``."""
+    lo, hi = tl.split(k)
+    x0, x1, x2, x3 = _split4(lo)
+    x4, x5, x6, x7 = _split4(hi)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
-def _value_a(v_row, loc, n0, end, g, t, svc_t, VBITS: tl.constexpr):
-    """A registers of the tile's values, 4 int32 [32, 8 (m-tile)] (register ``2Q + half``):
-    lane (g, t), dimensions ``16g .. 16g + 15`` of tokens ``4t + i + 16Q``, bytes transposed so a
-    register holds the four tokens ``i`` of one dimension."""
-    J: tl.constexpr = 2 if VBITS == 4 else 4
-    p = v_row + J * g + tl.arange(0, J)[None, :]
-    a0, a1 = _value_regs(p, loc, n0, end, 4 * t, svc_t, VBITS)
-    a2, a3 = _value_regs(p, loc, n0, end, 4 * t + 16, svc_t, VBITS)
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _value_regs(p, loc, n0, end, tok, svc_t, VBITS: tl.constexpr):
-    """The two A registers (half 0, 1) of tokens ``tok .. tok + 3``."""
-    w0 = tl.load(p + (loc + tok) * svc_t, mask=n0 + tok < end, other=0)
-    w1 = tl.load(p + (loc + tok + 1) * svc_t, mask=n0 + tok + 1 < end, other=0)
-    w2 = tl.load(p + (loc + tok + 2) * svc_t, mask=n0 + tok + 2 < end, other=0)
-    w3 = tl.load(p + (loc + tok + 3) * svc_t, mask=n0 + tok + 3 < end, other=0)
+def _value_regs(w0, w1, w2, w3, VBITS: tl.constexpr):
+    """The two A registers (half 0, 1), [32, 8 (m-tile)], of four tokens' value words [32, J]:
+    bytes transposed so a register holds the four tokens of one dimension."""
     r0, r1, r2, r3 = ptx.transpose4(w0, w1, w2, w3)  # byte b of the four tokens, [32, J]
     if VBITS == 4:  # m-tile (J, i, jj) from byte i + 2jj; half 0 / 1: low / high nibbles
         v = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [32, 8])
@@ -211,11 +270,65 @@ def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
 
 
 @triton.jit
+def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
+               m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since,
+               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, KBITS: tl.constexpr,
+               VBITS: tl.constexpr):
+    """One tile's scores, softmax step and value product on the loads of ``_tile_loads``; returns the new state."""
+    # ---- scores: lanes t = 0 end with tokens 4g .. 4g + 3
+    d0, d1, d2, d3 = _key_d(k0, k1, k2, k3, kb01, kb23, KBITS)
+    # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
+    x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
+    x1 = _i2f(d2) * wk0 + _i2f(d3) * wk1
+    x = tl.join(ptx.bfly(x0, 1), ptx.bfly(x1, 1))  # [32, 2 (m-tile), 2 (row half)]
+    tok = n0 + 4 * g + tl.arange(0, 4)[None, :]
+    s = tl.reshape(x, [32, 4]) * e + bias
+    s = tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
+    s_hi = tl.max(tl.max(s, axis=1), axis=0)
+
+    # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
+    grow = s_hi > m_ref + _TAU
+    if grow | (since >= _FLUSH_TILES):
+        m_new = tl.where(grow, s_hi, m_ref)
+        alpha = tl.math.exp2(m_ref - m_new)
+        f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
+        acc0 = (acc0 + f0) * alpha
+        acc1 = (acc1 + f1) * alpha
+        c0 = tl.zeros([32, 8], tl.int32)
+        c1 = tl.zeros([32, 8], tl.int32)
+        c2 = tl.zeros([32, 8], tl.int32)
+        c3 = tl.zeros([32, 8], tl.int32)
+        acc_lo = acc_lo * alpha
+        l_p = l_p * alpha
+        m_ref = m_new
+        since = 0
+    p = tl.math.exp2(s - m_ref)
+    l_p += p
+
+    # ---- values: B = p * scale in fixed point, limb g % 3 of group g // 3, for the lane's tokens
+    p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
+    pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
+    p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
+    p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
+    acc_lo += p8 * lv.to(tl.float32)
+    xb = (p8 * (f_lane[:, :, None] * sv.to(tl.float32)) + 8388608.0).to(tl.int32, bitcast=True)  # limbs: bytes 0-2
+    xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
+    x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
+    xb0, xb2 = tl.split(x02)
+    xb1, xb3 = tl.split(x13)
+    bv0, bv1 = tl.split(ptx.gather_byte(xb0, xb1, xb2, xb3, sel))  # tokens 4t + i, 4t + 16 + i
+    a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
+    a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
+    c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
+    return m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since + 1
+
+
+@triton.jit
 def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr):
+                   PAGE: tl.constexpr, UNROLL: tl.constexpr, SCONTIG: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -228,8 +341,8 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     s_max = tl.zeros([16, 32, 2], tl.float32)
     for c0 in range(t_lo, t_hi, 16):
         tiles = c0 + tl.arange(0, 16)[:, None, None]
-        locs, _, _, _, vsb = _tile_bases(tiles * 32, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0, svs_b, svs_h, PAGED,
-                                         PAGE)
+        locs, _, _, _, vsb = _tile_bases(tl.minimum(tiles, t_hi - 1) * 32, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0,
+                                         svs_b, svs_h, PAGED, PAGE)
         tok = tl.arange(0, 32)[None, :, None]
         ok = (tiles < t_hi) & (tiles * 32 + tok < end)
         sv = tl.load(vs_ptr + vsb + (locs + tok) * svs_t + tl.arange(0, 2)[None, None, :], mask=ok, other=0.0)
@@ -266,70 +379,26 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     acc1 = tl.zeros([32, 8], tl.float32)
     acc_lo = tl.zeros([32, 4, 2], tl.float32)
     since = 0
-    e4 = tl.arange(0, 4)[None, :]
-    for tile in range(t_lo, t_hi):
-        n0 = tile * 32
-        loc, k_base, _, v_base, vs_base = _tile_bases(n0, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h,
-                                                      svs_b, svs_h, PAGED, PAGE)
-        grp = n0 // GK
-
-        # ---- scores: lanes t = 0 end with tokens 4g .. 4g + 3
-        bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
-        b00, b01, b10, b11 = _split4(tl.load(bko, mask=g < 3, other=0))
-        b20, b21, b30, b31 = _split4(tl.load(bko + 4, mask=g < 3, other=0))
-        d0, d1, d2, d3 = _scores_raw(kc_ptr + k_base, loc, n0, end, g, t, u4, skc_t, b00[:, None], b01[:, None],
-                                     b10[:, None], b11[:, None], b20[:, None], b21[:, None], b30[:, None],
-                                     b31[:, None], KBITS)
-        # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
-        x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
-        x1 = _i2f(d2) * wk0 + _i2f(d3) * wk1
-        x = tl.join(ptx.bfly(x0, 1), ptx.bfly(x1, 1))  # [32, 2 (m-tile), 2 (row half)]
-        e = tl.load(eb_ptr + (pid * G + grp) * 2)
-        bias = tl.load(eb_ptr + (pid * G + grp) * 2 + 1)
-        tok = n0 + 4 * g + e4
-        s = tl.reshape(x, [32, 4]) * e + bias
-        s = tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
-        s_hi = tl.max(tl.max(s, axis=1), axis=0)
-
-        # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
-        grow = s_hi > m_ref + _TAU
-        if grow | (since >= _FLUSH_TILES):
-            m_new = tl.where(grow, s_hi, m_ref)
-            alpha = tl.math.exp2(m_ref - m_new)
-            f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
-            acc0 = (acc0 + f0) * alpha
-            acc1 = (acc1 + f1) * alpha
-            c0 = tl.zeros([32, 8], tl.int32)
-            c1 = tl.zeros([32, 8], tl.int32)
-            c2 = tl.zeros([32, 8], tl.int32)
-            c3 = tl.zeros([32, 8], tl.int32)
-            acc_lo = acc_lo * alpha
-            l_p = l_p * alpha
-            m_ref = m_new
-            since = 0
-        p = tl.math.exp2(s - m_ref)
-        l_p += p
-
-        # ---- values: B = p * scale in fixed point, limb g % 3 of group g // 3, for the lane's tokens
-        p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
-        pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
-        p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
-        p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
-        tv = 4 * t[:, :, None] + tl.arange(0, 4)[None, :, None] + 16 * tl.arange(0, 2)[None, None, :]
-        vmask = n0 + tv < end
-        vs_off = vs_base + (loc + tv) * svs_t
-        sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=vmask, other=0.0).to(tl.float32)
-        lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=vmask, other=0.0).to(tl.float32)
-        acc_lo += p8 * lv
-        xb = (p8 * (f_lane[:, :, None] * sv) + 8388608.0).to(tl.int32, bitcast=True)  # bytes 0-2: the limbs
-        xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
-        x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
-        x0, x2 = tl.split(x02)
-        x1, x3 = tl.split(x13)
-        bv0, bv1 = tl.split(ptx.gather_byte(x0, x1, x2, x3, sel))  # tokens 4t + i, 4t + 16 + i
-        a0, a1, a2, a3 = _value_a(vc_ptr + v_base, loc, n0, end, g, t, svc_t, VBITS)
-        c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
-        since += 1
+    for tile in range(t_lo, t_hi, UNROLL):
+        # UNROLL tiles' loads are issued before any of them is computed: more bytes in flight
+        n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _tile_loads(
+            tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr,
+            stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, KBITS, VBITS, GK, PAGED, PAGE,
+            SCONTIG)
+        if UNROLL == 2:
+            (n0b, kb01b, kb23b, eb, biasb, k0b, k1b, k2b, k3b, v00b, v01b, v02b, v03b, v10b, v11b, v12b, v13b, svb,
+             lvb) = _tile_loads(tile + 1, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr,
+                                vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h,
+                                svs_t, KBITS, VBITS, GK, PAGED, PAGE, SCONTIG)
+        m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since = _tile_step(
+            n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
+            m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
+            f_lane, sel, KBITS, VBITS)
+        if UNROLL == 2:
+            m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since = _tile_step(
+                n0b, kb01b, kb23b, eb, biasb, k0b, k1b, k2b, k3b, v00b, v01b, v02b, v03b, v10b, v11b, v12b, v13b, svb,
+                lvb, m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1,
+                inv_f, h1, f_lane, sel, KBITS, VBITS)
 
     # ---- this split's partial result
     f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
@@ -355,13 +424,15 @@ def _i2f(c):
 
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
-           tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple) -> None:
+           tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
+           unroll: int = 1) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
     ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
-    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; tiles are 32 tokens.
+    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``unroll``: tiles
+    (of 32 tokens) whose loads are issued together, 1 or 2.
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -375,4 +446,4 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     _decode_kernel[(rows, n_splits)](
         bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, num_warps=1, num_stages=1)
+        PAGE=page, UNROLL=unroll, SCONTIG=svs[2] == 2, num_warps=1, num_stages=1)
