@@ -81,12 +81,12 @@ CONFIG = {
     "qrows8": {"num_warps": 2, "num_stages": 1, "block_n": 32, "prefetch": True},  # either side 8-bit
     "dot": {"num_warps": 4, "num_stages": 1, "block_n": 64},
     # 4- and 8-bit K and V with head dim 128 (one or two query rows per KV head) take
-    # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process,
-    # two repetitions (decode_imma-ab-NVIDIA-H200.json): 4-bit 1.22-1.26 ms with one tile's loads
-    # issued at a time (two at a time 1.43-1.50, 220 registers), the first version 1.37-1.62; 8-bit
-    # 1.77-1.96 ms either way (the first version 1.79-1.94, qrows 2.50-2.56 in earlier runs).
-    # Programs per SM 64-256 within 5%; a register cap of 128 (spilling): 4-bit 1.50 ms vs 1.40
-    # uncapped in that run, 8-bit 1.86 vs 1.94 (not taken: one run, within the spread between cards).
+    # decode_imma's integer matrix-unit kernel before any of the above. Same shape, one process
+    # (decode_imma-ab-NVIDIA-H200.json, two cards): 4-bit 1.21-1.26 ms with one tile's loads
+    # issued at a time (two at a time 1.43-1.50: 220 registers), the first version 1.33-1.62;
+    # 8-bit 1.72-1.96 ms (the first version 1.74-1.94; qrows 2.50-2.56 in earlier runs).
+    # Programs per SM 64-256 within 5%. Registers 154 -> 124 (16 one-warp programs per SM) by
+    # keeping the output in memory between folds: no change in time.
     "imma": True,
     "imma_unroll": {4: 1, 8: 1},  # tiles whose loads decode_imma issues together, by the wider side's bits
 }

@@ -21,7 +21,8 @@ One program: one query row (of ``M`` per KV head), one split, one warp, 32-token
   loads dimensions ``16g .. 16g + 15`` of tokens ``4t + i`` and ``4t + 16 + i`` and transposes
   bytes so a register holds four tokens. The int32 accumulators are folded into float32 only
   when the softmax reference moves (it moves when a score passes it by more than ``_TAU``, so p
-  stays below ``2**_TAU``) or every ``_FLUSH_TILES`` tiles, against overflow.
+  stays below ``2**_TAU``) or every ``_FLUSH_TILES`` tiles, against overflow; the float32
+  output waits in the split's partial-output row between folds, not in registers.
 
 Only the layout of one config is taken (``supported``): head dim 128, 4- or 8-bit codes on each
 side, value groups of 64, key groups of at least 32, float16/bfloat16 scales.
@@ -271,10 +272,13 @@ def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
 
 @triton.jit
 def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
-               m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since,
-               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, KBITS: tl.constexpr,
+               m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
+               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
                VBITS: tl.constexpr):
-    """One tile's scores, softmax step and value product on the loads of ``_tile_loads``; returns the new state."""
+    """One tile's scores, softmax step and value product on the loads of ``_tile_loads``; returns the new state.
+
+    The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
+    ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
     # ---- scores: lanes t = 0 end with tokens 4g .. 4g + 3
     d0, d1, d2, d3 = _key_d(k0, k1, k2, k3, kb01, kb23, KBITS)
     # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
@@ -292,8 +296,8 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
         m_new = tl.where(grow, s_hi, m_ref)
         alpha = tl.math.exp2(m_ref - m_new)
         f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
-        acc0 = (acc0 + f0) * alpha
-        acc1 = (acc1 + f1) * alpha
+        tl.store(o_row, (tl.load(o_row, mask=t == 0) + f0) * alpha, mask=t == 0)
+        tl.store(o_row + 1, (tl.load(o_row + 1, mask=t == 0) + f1) * alpha, mask=t == 0)
         c0 = tl.zeros([32, 8], tl.int32)
         c1 = tl.zeros([32, 8], tl.int32)
         c2 = tl.zeros([32, 8], tl.int32)
@@ -303,14 +307,14 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
         m_ref = m_new
         since = 0
     p = tl.math.exp2(s - m_ref)
-    l_p += p
+    l_p += tl.sum(p, axis=1)[:, None]
 
     # ---- values: B = p * scale in fixed point, limb g % 3 of group g // 3, for the lane's tokens
     p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
     pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
     p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
     p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
-    acc_lo += p8 * lv.to(tl.float32)
+    acc_lo += tl.sum(tl.sum(p8 * lv.to(tl.float32), axis=2), axis=1)[:, None]
     xb = (p8 * (f_lane[:, :, None] * sv.to(tl.float32)) + 8388608.0).to(tl.int32, bitcast=True)  # limbs: bytes 0-2
     xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
     x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
@@ -320,7 +324,7 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
     a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
     a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
     c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
-    return m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since + 1
+    return m_ref, l_p, c0, c1, c2, c3, acc_lo, since + 1
 
 
 @triton.jit
@@ -369,15 +373,23 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     else:
         h1 = inv_f
 
+    ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
+    mt = tl.arange(0, 8)[None, :]
+    if VBITS == 4:  # m-tile (J, i, jj), half nu: dimension 8J + 2i + 4jj + nu
+        dim = 8 * (mt // 4) + 2 * ((mt // 2) % 2) + 4 * (mt % 2)
+    else:  # m-tile (J, jj), half i: dimension 4J + i + 2jj
+        dim = 4 * (mt // 2) + 2 * (mt % 2)
+    o_row = o_ptr + (ps_idx * M + rq) * 128 + 16 * g + dim  # [32, 8]: half 0; half 1 at + 1
+    tl.store(o_row, tl.zeros([32, 8], tl.float32), mask=t == 0)
+    tl.store(o_row + 1, tl.zeros([32, 8], tl.float32), mask=t == 0)
+
     m_ref = tl.max(tl.full([32], -1.0e30, tl.float32), axis=0)
-    l_p = tl.zeros([32, 4], tl.float32)
+    l_p = tl.zeros([32, 1], tl.float32)
     c0 = tl.zeros([32, 8], tl.int32)
     c1 = tl.zeros([32, 8], tl.int32)
     c2 = tl.zeros([32, 8], tl.int32)
     c3 = tl.zeros([32, 8], tl.int32)
-    acc0 = tl.zeros([32, 8], tl.float32)
-    acc1 = tl.zeros([32, 8], tl.float32)
-    acc_lo = tl.zeros([32, 4, 2], tl.float32)
+    acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
     for tile in range(t_lo, t_hi, UNROLL):
         # UNROLL tiles' loads are issued before any of them is computed: more bytes in flight
@@ -390,31 +402,23 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
              lvb) = _tile_loads(tile + 1, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr,
                                 vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h,
                                 svs_t, KBITS, VBITS, GK, PAGED, PAGE, SCONTIG)
-        m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since = _tile_step(
+        m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
             n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
-            m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
-            f_lane, sel, KBITS, VBITS)
+            m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
+            f_lane, sel, o_row, KBITS, VBITS)
         if UNROLL == 2:
-            m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since = _tile_step(
+            m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
                 n0b, kb01b, kb23b, eb, biasb, k0b, k1b, k2b, k3b, v00b, v01b, v02b, v03b, v10b, v11b, v12b, v13b, svb,
-                lvb, m_ref, l_p, c0, c1, c2, c3, acc0, acc1, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1,
-                inv_f, h1, f_lane, sel, KBITS, VBITS)
+                lvb, m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1,
+                inv_f, h1, f_lane, sel, o_row, KBITS, VBITS)
 
     # ---- this split's partial result
     f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
-    lo = tl.sum(tl.sum(acc_lo, axis=2), axis=1)[:, None]  # [32, 1]: this lane's tokens, group gl
-    lo = ptx.bfly(ptx.bfly(lo, 1), 2)
-    ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
+    lo = ptx.bfly(ptx.bfly(acc_lo, 1), 2)  # [32, 1]: group gl's offsets, over the 4 lanes' tokens
     tl.store(m_ptr + ps_idx * M + rq, m_ref)
     tl.store(l_ptr + ps_idx * M + rq, tl.sum(tl.sum(l_p, axis=1), axis=0))
-    mt = tl.arange(0, 8)[None, :]
-    if VBITS == 4:  # m-tile (J, i, jj), half nu: dimension 8J + 2i + 4jj + nu
-        dim = 8 * (mt // 4) + 2 * ((mt // 2) % 2) + 4 * (mt % 2)
-    else:  # m-tile (J, jj), half i: dimension 4J + i + 2jj
-        dim = 4 * (mt // 2) + 2 * (mt % 2)
-    o_row = o_ptr + (ps_idx * M + rq) * 128 + 16 * g + dim
-    tl.store(o_row, acc0 + f0 + lo, mask=t == 0)
-    tl.store(o_row + 1, acc1 + f1 + lo, mask=t == 0)
+    tl.store(o_row, tl.load(o_row, mask=t == 0) + f0 + lo, mask=t == 0)
+    tl.store(o_row + 1, tl.load(o_row + 1, mask=t == 0) + f1 + lo, mask=t == 0)
 
 
 @triton.jit
