@@ -187,6 +187,10 @@ def main(argv=None) -> int:
                     help="where the calibrated plans are written")
     ap.add_argument("--replot", action="store_true",
                     help="recompute the derived columns, targets and plot of an existing JSON without running")
+    ap.add_argument("--unseen-windows", type=int, default=0, metavar="N",
+                    help="instead of the table: the same-bytes pairs (calibrated plan as saved by the last run, "
+                         "uniform row) on N windows of --tokens tokens of text that neither the evaluation, the "
+                         "calibration nor the held-out ranking saw; added to the existing JSON")
     args = ap.parse_args(argv)
     if args.replot:
         out = args.out or default_out()
@@ -205,6 +209,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, tok = hf.load_model(cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "lmcache"))
     print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
+    if args.unseen_windows:
+        return unseen_windows(model, tok, args)
     ids = torch.tensor([pydoc_tokens(tok, args.tokens, "eval", eval_tokens=args.tokens)])
     cal_ids = torch.tensor([pydoc_tokens(tok, 2048, "calibrate", eval_tokens=args.tokens)])
     # held out from both: the calibration topics after those 2048 tokens, to rank candidate plans
@@ -355,6 +361,68 @@ def main(argv=None) -> int:
         plot([r for r in results if "perplexity" in r], os.path.splitext(out)[0] + ".png", "partial run")
 
     finish({"meta": meta, "rows": results}, out, args.plans_dir)
+    return 0
+
+
+def unseen_windows(model, tok, args) -> int:
+    """The SAME_BYTES pairs on ``args.unseen_windows`` windows of unseen text, into the existing JSON.
+
+    The windows follow the held-out ranking text in the calibration topics, so no plan was chosen
+    on them; calibrated rows load the plans the last full run saved. Perplexity over 2048 tokens
+    moves by tenths of a percent from one window to the next (even below full precision), more
+    than the pairs differ: the geometric mean over the windows is the steadier comparison.
+    """
+    import torch
+    import transformers
+
+    from lmcache.commands.calibrate import pydoc_tokens
+    from lmcache.integrations import hf
+    from lmcache.plan import QuantPlan
+
+    out = args.out or default_out()
+    with open(out) as f:
+        doc = json.load(f)
+    n, w = args.unseen_windows, args.tokens
+    skip = 2048 + VALIDATE_TOKENS  # the calibration text, then the held-out ranking text
+    text = pydoc_tokens(tok, skip + n * w, "calibrate", eval_tokens=args.tokens)[skip:]
+    settings = {name: st for name, _, st in ROWS}
+    makers = {"full precision (DynamicCache fp32)": transformers.DynamicCache}
+    for pair in SAME_BYTES:
+        for name in pair:
+            st = settings[name]
+            kw = cache_kw(st)
+            if "plan" in st:
+                plan = QuantPlan.load(plan_path(args.plans_dir, st["plan"], st.get("weigh", WEIGH), **kw) + ".json")
+                makers[name] = lambda plan=plan, kw=kw: hf.HFCache(plan=plan, kv_dtype=torch.float16, **kw)
+            elif "kv_bits" in st:
+                kb, vb = st["kv_bits"]
+                n_l, n_h = model.config.num_hidden_layers, model.config.num_key_value_heads
+                plan = QuantPlan([[kb] * n_h for _ in range(n_l)], [[vb] * n_h for _ in range(n_l)])
+                makers[name] = lambda plan=plan, kw=kw: hf.HFCache(plan=plan, kv_dtype=torch.float16, **kw)
+            else:
+                makers[name] = lambda st=st, kw=kw: hf.HFCache(bits=st["bits"], kv_dtype=torch.float16, **kw)
+    ppl = {name: [] for name in makers}
+    for i in range(n):
+        ids = torch.tensor([text[i * w:(i + 1) * w]])
+        for name, make in makers.items():
+            ppl[name].append(perplexity(model, ids, make(), args.chunk))
+        fp = ppl["full precision (DynamicCache fp32)"][-1]
+        print(f"window {i}: " + ", ".join(f"{k} {100 * (v[-1] / fp - 1):+.3f}%" for k, v in ppl.items()), flush=True)
+
+    def geo(v):
+        return math.exp(sum(math.log(x) for x in v) / len(v))
+
+    fp = geo(ppl["full precision (DynamicCache fp32)"])
+    change = {k: 100 * (geo(v) / fp - 1) for k, v in ppl.items()}
+    doc["unseen_windows"] = {
+        "text": f"pydoc_data.topics, {n} windows of {w} tokens after the calibration and held-out texts, chunks of "
+                f"{args.chunk}", "perplexity": ppl, "geo_mean_change_pct": change,
+        "calibrated beats uniform at the same bytes": {f"{p} vs {u}": change[p] < change[u] for p, u in SAME_BYTES},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(json.dumps({k: doc["unseen_windows"][k] for k in ("geo_mean_change_pct",
+                                                            "calibrated beats uniform at the same bytes")}, indent=1))
     return 0
 
 
