@@ -3,10 +3,11 @@
 Each helper works on per-lane tensors: a ``[32, ...]`` tensor of one warp whose row ``l`` is
 what lane ``l`` holds (the kernels' tensors all keep dimension 0 on the lanes). Every operand of
 a fragment is a tensor of its own and the asm runs once per element (``pack=1``), because the
-order of a thread's registers within a tensor is Triton's choice (it follows permutes). Under ``TRITON_INTERPRET=1``
-there is no PTX: ``emulate_in_interpreter`` teaches the interpreter each asm string through its
-numpy emulation here, which implements the PTX ISA's fragment layouts, so the kernel runs (and
-is tested) on CPU with the same lane arithmetic it has on the GPU.
+order of a thread's registers within a tensor is Triton's choice (it follows permutes).
+
+Under ``TRITON_INTERPRET=1`` there is no PTX: ``emulate_in_interpreter`` teaches the interpreter
+each asm string through its numpy emulation here, which implements the PTX ISA's fragment
+layouts, so the kernel runs (and is tested) on CPU with the same lane arithmetic as on the GPU.
 
 Fragments of ``mma.sync.aligned.m16n8k32`` (8-bit A and B, int32 C), lane ``l``: group
 ``g = l // 4``, ``t = l % 4``. A (16 x 32, row): register 0 holds ``A[g, 4t .. 4t + 3]``,
