@@ -86,7 +86,8 @@ CONFIG = {
     # issued at a time (two at a time 1.43-1.50: 220 registers), the first version 1.33-1.62;
     # 8-bit 1.72-1.96 ms (the first version 1.74-1.94; qrows 2.50-2.56 in earlier runs).
     # Programs per SM 64-256 within 5%. Registers 154 -> 124 (16 one-warp programs per SM) by
-    # keeping the output in memory between folds: no change in time.
+    # keeping the output in memory between folds: no change in time. 16 key groups per
+    # key-operand program instead of one: 4-bit 1.17-1.21 ms (from 1.24-1.36), 8-bit 1.72-1.75.
     "imma": True,
     "imma_unroll": {4: 1, 8: 1},  # tiles whose loads decode_imma issues together, by the wider side's bits
 }

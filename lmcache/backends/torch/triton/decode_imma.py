@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ...base import QuantBlock
 from . import ptx
-from .decode_attention import _group_program, _row_program, _tile_bases
+from .decode_attention import _row_program, _tile_bases
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     ptx.emulate_in_interpreter()
@@ -48,6 +48,7 @@ _TAU = tl.constexpr(3.0)  # the softmax reference moves when a score passes it b
 _P_MAX = tl.constexpr(8.0)  # 2**_TAU: the largest p
 _FLUSH_TILES = tl.constexpr(1024)  # a tile adds below 255 * 255 * 32 < 2**21 to a value accumulator
 _X_RANGE = tl.constexpr(8388608.0 - 65536.0)  # fixed-point values of p * scale stay below 2**23
+_GROUPS_PER_PROGRAM = 16  # key groups per key-operand program
 _I2F = tl.constexpr(0x4B400000)  # bits of 1.5 * 2**23; plus an int32 n, |n| < 2**22: the float n + 12582912
 
 
@@ -70,44 +71,55 @@ def supported(side_k, side_v, device: torch.device, page: int | None = None) -> 
 @triton.jit
 def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
                          T, G, Hkv, M, KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                         PAGE: tl.constexpr):
-    # One program: one query row, one key group. bk [rows, G, 4 (t), 3 (limb), 8]: lane (limb, t)'s
-    # B registers of k-steps 0-3 (b0, b1), bytes of x_d = round(q_d scale_d 2**e) as balanced
-    # digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
-    pid, g, live, loc, ks_base = _group_program(T, Hkv, M, len_ptr, tbl_ptr, stbl_b, sks_b, sks_h, GK, PAGED, PAGE)
-    if live:
-        t = tl.arange(0, 4)[:, None, None, None]
-        s = tl.arange(0, 4)[None, :, None, None]
-        hh = tl.arange(0, 2)[None, None, :, None]
-        i = tl.arange(0, 4)[None, None, None, :]
-        if KBITS == 4:  # word 4t + s: low nibbles (hh = 0) then high nibbles
-            dim = 32 * t + 8 * s + 2 * i + hh
-        else:  # words 8t + 2s + hh
-            dim = 32 * t + 8 * s + 4 * hh + i
-        row = ks_base + (loc // GK) * sks_t
-        x = tl.load(q_ptr + pid * 128 + dim) * tl.load(ks_ptr + row + dim).to(tl.float32)  # [4, 4, 2, 4]
-        if KBITS == 4:
-            x = tl.where(hh == 1, x * 0.0625, x)  # high nibbles arrive as 16 * code
-        amax = tl.max(tl.reshape(tl.abs(x), [128]), axis=0)
-        ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
-        ex = tl.minimum(tl.maximum(ex, -100), 100)
-        up = ((148 - ex) << 23).to(tl.float32, bitcast=True)  # 2**(21 - ex): |x| * up < 2**22
-        down = ((106 + ex) << 23).to(tl.float32, bitcast=True)
-        xi = (x * up + 12582912.0).to(tl.int32, bitcast=True) - _I2F  # round to nearest, exact
-        l0 = ((xi + 128) & 255) - 128
-        x1 = (xi - l0) >> 8
-        l1 = ((x1 + 128) & 255) - 128
-        l2 = (x1 - l1) >> 8
-        out = bk_ptr + (pid * G + g) * 96 + tl.arange(0, 4)[:, None, None] * 24 + (
-            2 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 2)[None, None, :])
-        sh = 8 * i
-        tl.store(out, tl.sum((l0 & 255) << sh, axis=3))
-        tl.store(out + 8, tl.sum((l1 & 255) << sh, axis=3))
-        tl.store(out + 16, tl.sum((l2 & 255) << sh, axis=3))
-        d = tl.arange(0, 128)
-        bias = tl.sum(tl.load(q_ptr + pid * 128 + d) * tl.load(kl_ptr + row + d).to(tl.float32), axis=0)
-        tl.store(eb_ptr + (pid * G + g) * 2, down)
-        tl.store(eb_ptr + (pid * G + g) * 2 + 1, bias)
+                         PAGE: tl.constexpr, GPP: tl.constexpr):
+    # One program: one query row, GPP key groups (one group per program made hundreds of
+    # thousands of tiny programs at batch 16 / 32K). bk [rows, G, 4 (t), 3 (limb), 8]: lane
+    # (limb, t)'s B registers of k-steps 0-3 (b0, b1), bytes of x_d = round(q_d scale_d 2**e) as
+    # balanced digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
+    pid = tl.program_id(0)
+    b = (pid // M) // Hkv
+    h = (pid // M) % Hkv
+    if PAGED:
+        T = tl.load(len_ptr + b)
+    t = tl.arange(0, 4)[:, None, None, None]
+    s = tl.arange(0, 4)[None, :, None, None]
+    hh = tl.arange(0, 2)[None, None, :, None]
+    i = tl.arange(0, 4)[None, None, None, :]
+    if KBITS == 4:  # word 4t + s: low nibbles (hh = 0) then high nibbles
+        dim = 32 * t + 8 * s + 2 * i + hh
+    else:  # words 8t + 2s + hh
+        dim = 32 * t + 8 * s + 4 * hh + i
+    q = tl.load(q_ptr + pid * 128 + dim)  # [4, 4, 2, 4]
+    if KBITS == 4:
+        q = tl.where(hh == 1, q * 0.0625, q)  # high nibbles arrive as 16 * code
+    d = tl.arange(0, 128)
+    q_lin = tl.load(q_ptr + pid * 128 + d)
+    for gi in range(GPP):
+        g = tl.program_id(1) * GPP + gi
+        if g * GK < T:
+            loc, _, ks_base, _, _ = _tile_bases(g * GK, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED,
+                                                PAGE)
+            row = ks_base + (loc // GK) * sks_t
+            x = q * tl.load(ks_ptr + row + dim).to(tl.float32)
+            amax = tl.max(tl.reshape(tl.abs(x), [128]), axis=0)
+            ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
+            ex = tl.minimum(tl.maximum(ex, -100), 100)
+            up = ((148 - ex) << 23).to(tl.float32, bitcast=True)  # 2**(21 - ex): |x| * up < 2**22
+            down = ((106 + ex) << 23).to(tl.float32, bitcast=True)
+            xi = (x * up + 12582912.0).to(tl.int32, bitcast=True) - _I2F  # round to nearest, exact
+            l0 = ((xi + 128) & 255) - 128
+            x1 = (xi - l0) >> 8
+            l1 = ((x1 + 128) & 255) - 128
+            l2 = (x1 - l1) >> 8
+            out = bk_ptr + (pid * G + g) * 96 + tl.arange(0, 4)[:, None, None] * 24 + (
+                2 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 2)[None, None, :])
+            sh = 8 * i
+            tl.store(out, tl.sum((l0 & 255) << sh, axis=3))
+            tl.store(out + 8, tl.sum((l1 & 255) << sh, axis=3))
+            tl.store(out + 16, tl.sum((l2 & 255) << sh, axis=3))
+            bias = tl.sum(q_lin * tl.load(kl_ptr + row + d).to(tl.float32), axis=0)
+            tl.store(eb_ptr + (pid * G + g) * 2, down)
+            tl.store(eb_ptr + (pid * G + g) * 2 + 1, bias)
 
 
 _LO4 = tl.constexpr(0x0F0F0F0F)
@@ -445,8 +457,9 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     g = triton.cdiv(T, gk)
     bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
     eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
-    _key_operands_kernel[(rows, g)](q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk,
-                                    PAGED=paged, PAGE=page, num_warps=1)
+    _key_operands_kernel[(rows, triton.cdiv(g, _GROUPS_PER_PROGRAM))](
+        q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
+        GPP=_GROUPS_PER_PROGRAM, num_warps=1)
     _decode_kernel[(rows, n_splits)](
         bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
