@@ -101,6 +101,13 @@ def plan_path(plans_dir: str, avg_bits: float, weigh: str = "loss", **cache_kw) 
     return os.path.join(plans_dir, f"accuracy-plan-{avg_bits:g}{'-' + tag if tag else ''}")
 
 
+def saved_plan(plans_dir: str, st: dict):
+    """The plan a calibrated row (settings ``st``) saved under ``plans_dir``."""
+    from lmcache.plan import QuantPlan
+
+    return QuantPlan.load(plan_path(plans_dir, st["plan"], st.get("weigh", WEIGH), **cache_kw(st)) + ".json")
+
+
 def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> float:
     """KV bytes per token once the context is long, when the full-precision tail no longer counts.
 
@@ -115,9 +122,7 @@ def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads
         return 2 * layers * kv_heads * (st["quanto"] * head_dim / 8 + 8)
     g = st.get("group_size", 64)
     if "plan" in st:
-        from lmcache.plan import QuantPlan
-
-        plan = QuantPlan.load(plan_path(plans_dir, st["plan"], st.get("weigh", WEIGH), **cache_kw(st)) + ".json")
+        plan = saved_plan(plans_dir, st)
         kb, vb = [b for row in plan.k_bits for b in row], [b for row in plan.v_bits for b in row]
     else:
         kb_, vb_ = st.get("kv_bits", (st.get("bits"), st.get("bits")))
@@ -203,7 +208,6 @@ def main(argv=None) -> int:
     from lmcache.calibrate import calibrate, element_cost, loss_weights, measure
     from lmcache.commands.calibrate import layer_loss_increase, loss_gradients, plot_plan, pydoc_tokens
     from lmcache.integrations import hf
-    from lmcache.plan import QuantPlan
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -281,15 +285,9 @@ def main(argv=None) -> int:
             return __import__("transformers").DynamicCache()
         if impl == "transformers":
             return quanto(st["quanto"])
-        kw = cache_kw(st)
         if "plan" in st:
-            return calibrated(st["plan"], st.get("weigh", WEIGH), **kw)
-        if "kv_bits" in st:
-            kb, vb = st["kv_bits"]
-            n_l, n_h = cfg.num_hidden_layers, cfg.num_key_value_heads
-            plan = QuantPlan([[kb] * n_h for _ in range(n_l)], [[vb] * n_h for _ in range(n_l)])
-            return hf.HFCache(plan=plan, kv_dtype=fp16, **kw)
-        return hf.HFCache(bits=st["bits"], kv_dtype=fp16, **kw)
+            return calibrated(st["plan"], st.get("weigh", WEIGH), **cache_kw(st))
+        return lmcache_cache(st, cfg)
 
     rows = [(name, impl, (lambda impl=impl, st=st: make(impl, st))) for name, impl, st in ROWS]
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -364,6 +362,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def lmcache_cache(st: dict, config, plan=None):
+    """The ``HFCache`` of an lmcache row's settings ``st``: ``plan`` (a calibrated row's), else
+    keys/values bits everywhere (``kv_bits``), else uniform ``bits``; float16 K/V and scales."""
+    import torch
+
+    from lmcache.integrations import hf
+    from lmcache.plan import QuantPlan
+
+    if plan is None and "kv_bits" in st:
+        kb, vb = st["kv_bits"]
+        n_l, n_h = config.num_hidden_layers, config.num_key_value_heads
+        plan = QuantPlan([[kb] * n_h for _ in range(n_l)], [[vb] * n_h for _ in range(n_l)])
+    if plan is not None:
+        return hf.HFCache(plan=plan, kv_dtype=torch.float16, **cache_kw(st))
+    return hf.HFCache(bits=st["bits"], kv_dtype=torch.float16, **cache_kw(st))
+
+
 def unseen_windows(model, tok, args) -> int:
     """The SAME_BYTES pairs on ``args.unseen_windows`` windows of unseen text, into the existing JSON.
 
@@ -376,8 +391,6 @@ def unseen_windows(model, tok, args) -> int:
     import transformers
 
     from lmcache.commands.calibrate import pydoc_tokens
-    from lmcache.integrations import hf
-    from lmcache.plan import QuantPlan
 
     out = args.out or default_out()
     with open(out) as f:
@@ -390,17 +403,8 @@ def unseen_windows(model, tok, args) -> int:
     for pair in SAME_BYTES:
         for name in pair:
             st = settings[name]
-            kw = cache_kw(st)
-            if "plan" in st:
-                plan = QuantPlan.load(plan_path(args.plans_dir, st["plan"], st.get("weigh", WEIGH), **kw) + ".json")
-                makers[name] = lambda plan=plan, kw=kw: hf.HFCache(plan=plan, kv_dtype=torch.float16, **kw)
-            elif "kv_bits" in st:
-                kb, vb = st["kv_bits"]
-                n_l, n_h = model.config.num_hidden_layers, model.config.num_key_value_heads
-                plan = QuantPlan([[kb] * n_h for _ in range(n_l)], [[vb] * n_h for _ in range(n_l)])
-                makers[name] = lambda plan=plan, kw=kw: hf.HFCache(plan=plan, kv_dtype=torch.float16, **kw)
-            else:
-                makers[name] = lambda st=st, kw=kw: hf.HFCache(bits=st["bits"], kv_dtype=torch.float16, **kw)
+            plan = saved_plan(args.plans_dir, st) if "plan" in st else None
+            makers[name] = lambda st=st, plan=plan: lmcache_cache(st, model.config, plan)
     ppl = {name: [] for name in makers}
     for i in range(n):
         ids = torch.tensor([text[i * w:(i + 1) * w]])

@@ -114,13 +114,12 @@ def sweep(caches, q, scale) -> dict:
     use_imma = da.CONFIG["imma"]
 
     def trial(bits, key, cfg, pps=None, qrows=True):
-        saved = (da.CONFIG["programs_per_sm"], da.CONFIG["rows"], da.CONFIG.get(key))
-        da.CONFIG["programs_per_sm"] = pps or saved[0]
-        da.CONFIG["rows"] = {**saved[1], "qrows": qrows}
+        saved = dict(da.CONFIG)  # entries are replaced, never mutated: a shallow copy restores them
+        da.CONFIG["programs_per_sm"] = pps or saved["programs_per_sm"]
+        da.CONFIG["rows"] = {**saved["rows"], "qrows": qrows}
         da.CONFIG["imma"] = key == "imma"
-        unroll = da.CONFIG["imma_unroll"]
         if key == "imma":
-            da.CONFIG["imma_unroll"] = {**unroll, bits: cfg["unroll"]}
+            da.CONFIG["imma_unroll"] = {**saved["imma_unroll"], bits: cfg["unroll"]}
         else:
             da.CONFIG[key] = dict(cfg)
         res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
@@ -129,10 +128,7 @@ def sweep(caches, q, scale) -> dict:
             res["ms"] = timed(da.decode_attention, q, caches[bits], scale, warmup=2, iters=7)
         except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
             res["ms"], res["error"] = float("inf"), f"{type(e).__name__}: {str(e)[:120]}"
-        da.CONFIG["programs_per_sm"], da.CONFIG["rows"] = saved[:2]
-        da.CONFIG["imma"], da.CONFIG["imma_unroll"] = False, unroll
-        if key != "imma":
-            da.CONFIG[key] = saved[2]
+        da.CONFIG.update(saved)
         print(f"  {bits}-bit {res['config']} pps={res['programs_per_sm']} {cfg}: {res['ms']:.3f} ms", flush=True)
         trials.append(res)
         return res

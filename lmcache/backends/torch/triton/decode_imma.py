@@ -372,13 +372,9 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     # key columns of lane t: 2t, 2t + 1 are limbs 0-2 (weights 1, 256, 65536)
     wk0 = tl.where(t == 0, 1.0, tl.where(t == 1, 65536.0, 0.0))
     wk1 = tl.where(t == 0, 256.0, 0.0)
-    # value columns 2t + c (c = 0, 1): limb col % 3 of group col // 3, kept where it is the lane's group
-    col0 = 2 * t
-    col1 = 2 * t + 1
-    wv0 = tl.where((col0 < 6) & (col0 // 3 == gl), tl.where(col0 % 3 == 0, 1.0, tl.where(col0 % 3 == 1, 256.0,
-                                                                                           65536.0)), 0.0)
-    wv1 = tl.where((col1 < 6) & (col1 // 3 == gl), tl.where(col1 % 3 == 0, 1.0, tl.where(col1 % 3 == 1, 256.0,
-                                                                                           65536.0)), 0.0)
+    # value columns 2t and 2t + 1 of the lane's D fragment
+    wv0 = _value_column_weight(2 * t, gl)
+    wv1 = _value_column_weight(2 * t + 1, gl)
     inv_f = tl.where(f > 0, 1.0 / f, 0.0)
     if VBITS == 4:  # rows g + 8 hold high nibbles: 16 * code
         h1 = 0.0625 * inv_f
@@ -431,6 +427,14 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     tl.store(l_ptr + ps_idx * M + rq, tl.sum(tl.sum(l_p, axis=1), axis=0))
     tl.store(o_row, tl.load(o_row, mask=t == 0) + f0 + lo, mask=t == 0)
     tl.store(o_row + 1, tl.load(o_row + 1, mask=t == 0) + f1 + lo, mask=t == 0)
+
+
+@triton.jit
+def _value_column_weight(col, gl):
+    """Weight of value B column ``col`` (limb ``col % 3`` of group ``col // 3``) in the output of
+    value group ``gl``: ``256**limb``, or 0 for another group's column and the unused 6 and 7."""
+    limb = col % 3
+    return tl.where((col < 6) & (col // 3 == gl), tl.where(limb == 0, 1.0, tl.where(limb == 1, 256.0, 65536.0)), 0.0)
 
 
 @triton.jit
