@@ -2,81 +2,130 @@
 
 Launch settings and card-to-card differences move a kernel's time by 10-20% between lent
 machines, so a change is judged against the previous kernel on the same data in the same
-run, interleaved. Write the earlier kernels next to the current ones first:
+run, interleaved. Write the earlier kernel file next to the current one first:
 
-    python bench/ab_kernels.py --setup HEAD     # writes _old_decode_attention.py (untracked)
-    python bench/ab_kernels.py                  # on the GPU; JSON to $OUT or bench/results
+    python bench/ab_kernels.py --setup HEAD                  # decode_attention.py at HEAD
+    python bench/ab_kernels.py --setup HEAD --kernel imma    # decode_imma.py at HEAD
+    python bench/ab_kernels.py --setup old.py --kernel imma  # or from a file
+    python bench/ab_kernels.py [--kernel imma]               # on the GPU; JSON to $OUT or bench/results
 
-Batch 16 x 40 heads x 128, 32K tokens, one query token; 4 rounds, the minimum of the
-per-round medians.
+The copies (``_old_<kernel file>``, untracked) are not part of the package. Batch 16 x 40 heads
+x 128, 32K tokens, one query token; 4 rounds, the minimum of the per-round medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL = "lmcache/backends/torch/triton/decode_attention.py"
-OLD = os.path.join(HERE, "..", "lmcache/backends/torch/triton/_old_decode_attention.py")
+PKG = "lmcache/backends/torch/triton"
+FILES = {"rows": "decode_attention.py", "imma": "decode_imma.py"}
 
 
-def setup(rev: str) -> None:
-    src = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], capture_output=True, text=True, check=True,
-                         cwd=os.path.join(HERE, "..")).stdout
-    with open(OLD, "w") as f:
-        f.write(f"# {KERNEL} at {rev}, for bench/ab_kernels.py; not part of the package\n" + src)
-    print(f"wrote {os.path.normpath(OLD)}")
+def setup(rev: str, kernel: str) -> None:
+    """Write ``_old_<file>`` from git revision ``rev``, or from the file at path ``rev``."""
+    path = f"{PKG}/{FILES[kernel]}"
+    if os.path.isfile(rev):
+        with open(rev) as f:
+            src = f.read()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True,
+                             cwd=os.path.join(HERE, "..")).stdout
+    out = os.path.join(HERE, "..", PKG, "_old_" + FILES[kernel])
+    with open(out, "w") as f:
+        f.write(f"# {path} at {rev}, for bench/ab_kernels.py; not part of the package\n" + src)
+    print(f"wrote {os.path.normpath(out)}")
+
+
+def configs_rows(bits: int) -> dict:
+    """Row kernels, old and new: name -> (decode function, its CONFIG, settings, setup before timing)."""
+    from lmcache.backends.torch.triton import _old_decode_attention as old
+    from lmcache.backends.torch.triton import decode_attention as new
+
+    key = "qrows" if bits == 4 else "qrows8"
+    grid = {4: [(1, 16, False, 2), (1, 8, True, 1)], 8: [(4, 32, True, 1), (2, 32, True, 1)]}[bits]
+    cfgs = {}
+    for mod, name in ((old, "old"), (new, "new")):
+        cfgs[f"{name} default"] = (mod.decode_attention, mod.CONFIG, {"imma": False}, lambda: None)
+        for nw, bn, pf, st in grid:
+            c = {key: {"num_warps": nw, "block_n": bn, "prefetch": pf, "num_stages": st, "mma": False}, "imma": False}
+            cfgs[f"{name} w{nw} bn{bn} prefetch={pf}"] = (mod.decode_attention, mod.CONFIG, c, lambda: None)
+    return cfgs
+
+
+def configs_imma(bits: int) -> dict:
+    """decode_imma old and new, each with the load schedules 0 and 1 (``CONFIG["imma_prefetch"]``)."""
+    import lmcache.backends.torch.triton as pkg
+    from lmcache.backends.torch.triton import _old_decode_imma as old
+    from lmcache.backends.torch.triton import decode_attention as da
+
+    new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
+
+    cfgs = {}
+    for mod, name in ((old, "old"), (new, "new")):
+        for pf in (0, 1):
+            c = {"imma": True, "imma_prefetch": {**da.CONFIG["imma_prefetch"], bits: pf}}
+            # decode_attention imports decode_imma from the package at each call: swap the module in
+            cfgs[f"{name} prefetch={pf}"] = (da.decode_attention, da.CONFIG, c,
+                                             lambda mod=mod: setattr(pkg, "decode_imma", mod))
+    return cfgs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setup", metavar="REV", help="write the kernels of git revision REV and stop")
+    ap.add_argument("--setup", metavar="REV", help="write the kernel file of git revision (or file) REV and stop")
+    ap.add_argument("--kernel", choices=sorted(FILES), default="rows")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "results")))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
     if args.setup:
-        setup(args.setup)
+        setup(args.setup, args.kernel)
         return
     import torch
 
     sys.path.insert(0, HERE)
     import decode_attention as bench
 
-    from lmcache.backends.torch.triton import _old_decode_attention as old
-    from lmcache.backends.torch.triton import decode_attention as new
-
     torch.manual_seed(0)
     scale = 1 / 128 ** 0.5
-    k = torch.randn(16, 40, 32768, 128, dtype=torch.float16, device="cuda")
+    shape, dev = ((1, 2, 512, 128), "cpu") if args.smoke else ((16, 40, 32768, 128), "cuda")
+    bench.DEV = dev
+    k = torch.randn(*shape, dtype=torch.float16, device=dev)
     v = torch.randn_like(k)
-    q = torch.randn(16, 40, 1, 128, dtype=torch.float16, device="cuda")
-    grids = {4: [(1, 16, False, 2), (1, 8, True, 1)], 8: [(4, 32, True, 1), (2, 32, True, 1)]}
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    q = torch.randn(*shape[:2], 1, 128, dtype=torch.float16, device=dev)
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "smoke-cpu", "torch": torch.__version__,
+           "kernel": args.kernel}
     for bits in (4, 8):
         segs = bench.make_cache(k, v, bits)
-        key = "qrows" if bits == 4 else "qrows8"
-        cfgs = {"old default": (old, dict(old.CONFIG[key])), "new default": (new, dict(new.CONFIG[key]))}
-        for mod, name in ((old, "old"), (new, "new")):
-            for nw, bn, pf, st in grids[bits]:
-                cfgs[f"{name} w{nw} bn{bn} prefetch={pf}"] = (mod, {"num_warps": nw, "block_n": bn, "prefetch": pf,
-                                                                    "num_stages": st, "mma": False})
+        cfgs = configs_imma(bits) if args.kernel == "imma" else configs_rows(bits)
         times = {n: [] for n in cfgs}
+        outs = {}
         for _ in range(4):
-            for n, (mod, c) in cfgs.items():
-                mod.CONFIG[key] = c
-                times[n].append(bench.timed(mod.decode_attention, q, segs, scale, warmup=2, iters=9))
-        err = bench.rel_err(new.decode_attention(q, segs, scale), old.decode_attention(q, segs, scale))
+            for n, (fn, conf, settings, before) in cfgs.items():
+                before()
+                saved = dict(conf)
+                conf.update(settings)
+                times[n].append(bench.timed(fn, q, segs, scale, warmup=2, iters=9))
+                outs.setdefault(n.split()[0], fn(q, segs, scale))
+                conf.update(saved)
+        if args.kernel == "imma":
+            import lmcache.backends.torch.triton as pkg
+
+            pkg.decode_imma = importlib.import_module(f"{pkg.__name__}.decode_imma")
+        err = bench.rel_err(outs["new"], outs["old"])
         res[f"{bits}-bit"] = {"rel_diff_new_vs_old": err, "ms": {n: min(x) for n, x in times.items()}}
         print(f"{bits}-bit (outputs differ by {err:.1e} relative)")
         for n, x in times.items():
-            print(f"  {n:<34} {min(x):7.3f} ms")
+            print(f"  {n:<34} {min(x):7.3f} ms  (rounds: {', '.join(f'{t:.3f}' for t in x)})")
         del segs
     os.makedirs(args.out, exist_ok=True)
     card = "".join(ch if ch.isalnum() else "-" for ch in res["device"]).strip("-")
-    path = os.path.join(args.out, f"decode_attention-ab-{card}.json")
+    path = os.path.join(args.out, f"{FILES[args.kernel][:-3]}-ab-{card}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {path}")

@@ -4,7 +4,9 @@ Llama-2-13B attention shape (40 query heads = 40 KV heads, head_dim 128), one ne
 batch 1 and 16 at 4K and 32K tokens and batch 1 at 128K. The cache is laid out as ``Cache``
 keeps it: the oldest tokens in one quantized block (keys 4/8-bit per channel over 64 tokens,
 values per token over 64 channels), the newest 128 in float16. Also times quantize+pack of one
-layer's K and V for a 32K-token prefill and the device copy bandwidth, in the same run.
+layer's K and V for a 32K-token prefill and the device copy bandwidth, in the same run. Times
+are GPU times of back-to-back calls after an L2 flush (``timed``, as ``triton.testing.do_bench``);
+the host time to issue a call is reported beside them (``host_us``).
 
     python bench/decode_attention.py            # on a CUDA or ROCm GPU
 Prints a table and writes bench/results/decode_attention-<card>.json (or under --out).
@@ -35,26 +37,56 @@ HEADS, HEAD_DIM, GROUP, RESIDUAL = 40, 128, 64, 128
 SHAPES = [(1, 4096), (16, 4096), (1, 32768), (16, 32768), (1, 131072)]
 PREFILL = 32768
 DEV = "cuda"
+ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
+
+
+_FLUSH = {}
+
+
+def _l2_flush() -> None:
+    """Overwrite a 256 MiB buffer: whatever the last run left in L2 (50 MiB on an H200) is gone."""
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(1 << 28, dtype=torch.uint8, device=DEV)
+    _FLUSH["buf"].zero_()
 
 
 def timed(fn, *args, warmup: int = 3, iters: int = 15) -> float:
-    """Median milliseconds of ``fn(*args)`` over ``iters`` runs, by CUDA events, after ``warmup`` runs."""
+    """Median milliseconds of ``fn(*args)`` over ``iters`` runs, after ``warmup`` runs.
+
+    As ``triton.testing.do_bench``: each run between its own CUDA events, after an L2 flush, and
+    no host synchronisation between runs, so the host enqueues ahead of the GPU as in a model's
+    layer loop: launch overhead counts only where the GPU would wait for it (``host_us`` measures
+    it apart).
+    """
     for _ in range(warmup):
         fn(*args)
     if DEV != "cuda":  # --smoke: host clock
         t0 = time.perf_counter()
         fn(*args)
         return (time.perf_counter() - t0) * 1e3
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for a, b in events:
+        _l2_flush()
         a.record()
         fn(*args)
         b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
+def host_us(fn, *args, iters: int = 20) -> float:
+    """Host microseconds to issue one ``fn(*args)`` (Python, argument checks, kernel launches), GPU not waited for."""
+    fn(*args)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn(*args)
+    t = time.perf_counter() - t0
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return t / iters * 1e6
 
 
 def copy_bandwidth() -> float:
@@ -103,7 +135,8 @@ def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
-    runs with 1 and 2 tiles' loads issued together, at three programs-per-SM settings. Without
+    runs with each load schedule (a tile's loads at the top of its iteration, its key loads or
+    all its loads an iteration ahead), at three programs-per-SM settings. Without
     it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of
     ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
     sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The older
@@ -119,7 +152,7 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["rows"] = {**saved["rows"], "qrows": qrows}
         da.CONFIG["imma"] = key == "imma"
         if key == "imma":
-            da.CONFIG["imma_unroll"] = {**saved["imma_unroll"], bits: cfg["unroll"]}
+            da.CONFIG["imma_prefetch"] = {**saved["imma_prefetch"], bits: cfg["prefetch"]}
         else:
             da.CONFIG[key] = dict(cfg)
         res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
@@ -155,13 +188,13 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        grid = [(u, pps) for u in (1, 2) for pps in (64, 128, 256)] if DEV == "cuda" else [(1, 64)]
-        imma = {bits: min((trial(bits, "imma", {"unroll": u}, pps=pps) for u, pps in grid), key=lambda t: t["ms"])
+        grid = [(pf, pps) for pf in (0, 1, 2) for pps in (64, 128, 256)] if DEV == "cuda" else [(1, 64)]
+        imma = {bits: min((trial(bits, "imma", {"prefetch": pf}, pps=pps) for pf, pps in grid), key=lambda t: t["ms"])
                 for bits in (4, 8)}
         if all(imma[b]["ms"] < best[b]["ms"] for b in (4, 8)):
             best = imma
             da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
-            da.CONFIG["imma_unroll"] = {b: imma[b]["settings"]["unroll"] for b in (4, 8)}
+            da.CONFIG["imma_prefetch"] = {b: imma[b]["settings"]["prefetch"] for b in (4, 8)}
         else:
             use_imma = False
     da.CONFIG["imma"] = use_imma
@@ -172,19 +205,23 @@ def sweep(caches, q, scale) -> dict:
 def bench_quantize(bw: float) -> dict:
     """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits.
 
-    First tries launch settings of each kernel (warps; channels per program for keys) on 4-bit
-    codes and keeps the best.
+    First tries launch settings of each kernel (warps; channels per program for keys, tokens per
+    program for values), then streaming cache hints on both, on 4-bit codes, and keeps the best.
     """
     k = torch.randn(1, HEADS, PREFILL, HEAD_DIM, dtype=torch.float16, device=DEV)
     v = torch.randn_like(k)
     tried = {}
     grids = {"keys": [{"keys_warps": nw, "keys_channels": dc} for nw, dc in
                       ((2, 128), (4, 128), (1, 64), (2, 64), (1, 32), (2, 32))],
-             "values": [{"values_warps": nw} for nw in (2, 4, 8)]}
-    for side, x, spec in (("keys", k, QuantSpec(4, GROUP, -2)), ("values", v, QuantSpec(4, GROUP, -1))):
+             "values": [{"values_warps": nw, "values_tokens": nt} for nw, nt in
+                        ((2, 32), (4, 32), (8, 32), (4, 64), (8, 64), (4, 16))],
+             "stream": [{"stream": False}, {"stream": True}]}
+    ks4, vs4 = QuantSpec(4, GROUP, -2), QuantSpec(4, GROUP, -1)
+    for side, fn in (("keys", lambda: quantize(k, ks4)), ("values", lambda: quantize(v, vs4)),
+                     ("stream", lambda: (quantize(k, ks4), quantize(v, vs4)))):
         for cfg in grids[side] if DEV == "cuda" else grids[side][:1]:
             qz.CONFIG.update(cfg)
-            tried[",".join(f"{a}={b}" for a, b in cfg.items())] = (timed(quantize, x, spec), cfg)
+            tried[",".join(f"{a}={b}" for a, b in cfg.items())] = (timed(fn), cfg)
         qz.CONFIG.update(min((t for name, t in tried.items() if name.startswith(side)), key=lambda t: t[0])[1])
     tried = {name: t[0] for name, t in tried.items()}
     print(f"quantize settings: {tried} -> {qz.CONFIG}", flush=True)
@@ -208,26 +245,60 @@ def bench_quantize(bw: float) -> dict:
 
 
 def bench_shape(batch: int, ctx: int, scale: float, do_sweep: bool) -> tuple[dict, dict | None]:
-    """SDPA over float16 KV and the fused kernel over 4- and 8-bit KV at one (batch, context)."""
+    """SDPA over float16 KV and the fused kernel over 4- and 8-bit KV at one (batch, context).
+
+    After the sweep (when asked), SDPA and both kernels are timed in ``ROUNDS`` interleaved rounds
+    and each keeps the smallest of its per-round medians: a card that slows as it warms (clocks,
+    power) slows all three alike, not whichever came last.
+    """
     k = torch.randn(batch, HEADS, ctx, HEAD_DIM, dtype=torch.float16, device=DEV)
     v = torch.randn_like(k)
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=torch.float16, device=DEV)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    sdpa_ms = timed(lambda q, k, v: sdpa(q, k, v, scale=scale), q, k, v)
+    caches = {bits: make_cache(k, v, bits) for bits in (4, 8)}
+    sw = sweep(caches, q, scale) if do_sweep else None
+    runs = {"sdpa": (lambda q, k, v: sdpa(q, k, v, scale=scale), (q, k, v))}
+    runs.update({bits: (da.decode_attention, (q, segs, scale)) for bits, segs in caches.items()})
+    per_round = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (fn, a) in runs.items():
+            per_round[name].append(timed(fn, *a))
+    best = {name: min(ms) for name, ms in per_round.items()}
+    sdpa_ms = best["sdpa"]
     row = {"batch": batch, "context": ctx, "sdpa_fp16_ms": sdpa_ms,
            "sdpa_TBps": nbytes(k, v, q) / (sdpa_ms * 1e-3) / 1e12}
-    caches = {bits: make_cache(k, v, bits) for bits in (4, 8)}
-    del k, v  # room at batch 16 / 128K
-    sw = sweep(caches, q, scale) if do_sweep else None
+    fn, a = runs["sdpa"]
+    row["sdpa_host_us"] = host_us(fn, *a)
     for bits, segs in caches.items():
-        ms = timed(da.decode_attention, q, segs, scale)
+        ms = best[bits]
+        row[f"q{bits}_host_us"] = host_us(da.decode_attention, q, segs, scale)
         read = nbytes(*segs[0], *segs[1], q)
         row[f"q{bits}_ms"] = ms
         row[f"q{bits}_speedup"] = sdpa_ms / ms
         row[f"q{bits}_bytes_read"] = read
         row[f"q{bits}_TBps"] = read / (ms * 1e-3) / 1e12
         row[f"q{bits}_rel_err_vs_dequant_sdpa"] = check(segs, q, scale) if batch * ctx <= 32768 else None
+        if do_sweep:
+            row[f"q{bits}_kernels_us"] = kernel_breakdown(da.decode_attention, q, segs, scale)
     return row, sw
+
+
+def kernel_breakdown(fn, *args) -> dict:
+    """Microseconds per call of each GPU kernel ``fn(*args)`` launches (torch profiler), for the notes."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(*args)
+            torch.cuda.synchronize()
+        out = {e.key[:60]: e.device_time_total / 5 for e in prof.key_averages() if e.device_time_total > 0}
+    except Exception as e:  # no CUPTI in the image: the breakdown is a note, not a figure
+        return {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    print("  kernels (us per call): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
+    return out
 
 
 def bench_gqa(scale: float) -> list:
@@ -291,11 +362,11 @@ def main() -> None:
 
     print()
     print(f"{'batch':>5} {'ctx':>7} {'sdpa ms':>8} {'4b ms':>7} {'4b x':>6} {'4b TB/s':>8} {'8b ms':>7} "
-          f"{'8b x':>6} {'8b TB/s':>8}")
+          f"{'8b x':>6} {'8b TB/s':>8} {'host us sdpa/4b/8b':>19}")
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
         print(f"{r['batch']:>5} {r['context']:>7} {r['sdpa_fp16_ms']:>8.3f} {r['q4_ms']:>7.3f} "
               f"{r['q4_speedup']:>6.2f} {r['q4_TBps']:>8.2f} {r['q8_ms']:>7.3f} {r['q8_speedup']:>6.2f} "
-              f"{r['q8_TBps']:>8.2f}")
+              f"{r['q8_TBps']:>8.2f} {r['sdpa_host_us']:>7.0f}/{r['q4_host_us']:.0f}/{r['q8_host_us']:.0f}")
     target = next(r for r in rows if (r["batch"], r["context"]) == max(SHAPES, key=lambda s: s[0] * s[1]))
     result = {
         "benchmark": "decode_attention", "card": card, "torch": torch.__version__,

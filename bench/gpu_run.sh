@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: install, the compiled kernel tests, then the benchmarks named in $@ (default: decode).
-# Copies logs and results to $OUT. Usage on the GPU machine: bash bench/gpu_run.sh [decode] [jax] [store] [tests]
+# Copies logs and results to $OUT. Usage on the GPU machine: bash bench/gpu_run.sh [decode] [jax] [store] [tests] [ab]
+# (ab: bench/ab_kernels.py --kernel $AB_KERNEL, default imma; carry the _old_ kernel file it needs)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,6 +19,8 @@ for what in "${@:-decode}"; do
              tests/test_pallas_kernels.py tests/test_jax_functional.py 2>&1 | tail -15 | tee $OUT/jaxtests.log ;;
     decode) timeout ${DECODE_TIMEOUT:-420} python3 bench/decode_attention.py --out $OUT ${DECODE_ARGS:-} 2>&1 | tee $OUT/decode.log | tail -60 ;;
     jax) timeout 200 python3 bench/decode_attention_jax.py --out $OUT --budget ${JAX_BUDGET:-120} 2>&1 | tee $OUT/jax.log | tail -30 ;;
+    ab) timeout 300 python3 bench/ab_kernels.py --kernel ${AB_KERNEL:-imma} --out $OUT 2>&1 | tee $OUT/ab.log | tail -20 ;;
     store) timeout 300 python3 bench/store.py --out $OUT ${STORE_ARGS:-} 2>&1 | tee $OUT/store.log | tail -30 ;;
   esac
 done
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a $OUT/gpu.txt

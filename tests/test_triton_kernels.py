@@ -64,6 +64,24 @@ def test_quantize_dequantize_exact(rng, dtype, bits, axis, tokens, d):
     np.testing.assert_array_equal(out.float().cpu().numpy(), _f32(NB.dequantize(ref, str(dtype)[6:])))
 
 
+@pytest.mark.parametrize("settings", [{"stream": True}, {"values_tokens": 64, "values_warps": 8},
+                                      {"values_tokens": 16, "values_warps": 2, "keys_channels": 32}], ids=str)
+@pytest.mark.parametrize("axis,tokens", [(-2, 64), (-1, 37)])
+def test_quantize_launch_settings_give_the_same_codes(rng, monkeypatch, settings, axis, tokens):
+    """Every setting the benchmark may pick (``quantize.CONFIG``) writes the reference's bytes."""
+    from lmcache.backends.torch.triton import quantize as qz
+
+    for key, value in settings.items():
+        monkeypatch.setitem(qz.CONFIG, key, value)
+    spec = QuantSpec(4, 32, axis)
+    x = torch.from_numpy(rng.standard_normal((2, 3, tokens, 128)).astype(np.float32)).half().to(DEVICE)
+    codes, scale, lo = quantize(x, spec)
+    ref = NB.quantize(_np(x), spec)
+    np.testing.assert_array_equal(codes.cpu().numpy(), ref.codes)
+    np.testing.assert_array_equal(_f32(scale.cpu()), _f32(ref.scale))
+    np.testing.assert_array_equal(_f32(lo.cpu()), _f32(ref.lo))
+
+
 def test_quantize_rejects_unsupported_shapes():
     assert not supported((2, 48, 96), QuantSpec(4, 16, -2))  # head_dim not a power of two
     assert not supported((2, 40, 64), QuantSpec(4, 16, -2))  # tokens not whole groups
@@ -256,18 +274,18 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("flush_tiles,unroll", [(1024, 1), (1024, 2), (2, 1)])
-def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, unroll):
+@pytest.mark.parametrize("flush_tiles,prefetch", [(1024, 0), (1024, 1), (1024, 2), (2, 0), (2, 2)])
+def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, prefetch):
     """Scores that climb along the sequence (the softmax reference moves and the integer value
     sums fold many times), a few tokens far above the rest, value scales that differ by 1000x
     between tokens; and, with 2, the fold forced every second tile (the overflow guard's path).
-    ``unroll``: tiles whose loads are issued together (an odd count of tiles: 11)."""
+    ``prefetch``: the loop's load schedule (``CONFIG["imma_prefetch"]``), over 11 tiles."""
     import triton.language as tl
 
     from lmcache.backends.torch.triton import decode_imma
 
     calls = _imma_calls(monkeypatch)
-    monkeypatch.setitem(da.CONFIG, "imma_unroll", {4: unroll, 8: unroll})
+    monkeypatch.setitem(da.CONFIG, "imma_prefetch", {4: prefetch, 8: prefetch})
     if flush_tiles != 1024:
         if DEVICE != "cpu":
             pytest.skip("the fold interval is a compile-time constant: patched under the interpreter only")

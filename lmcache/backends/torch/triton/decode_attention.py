@@ -89,7 +89,11 @@ CONFIG = {
     # keeping the output in memory between folds: no change in time. 16 key groups per
     # key-operand program instead of one: 4-bit 1.17-1.21 ms (from 1.24-1.36), 8-bit 1.72-1.75.
     "imma": True,
-    "imma_unroll": {4: 1, 8: 1},  # tiles whose loads decode_imma issues together, by the wider side's bits
+    # decode_imma's loads, by the wider side's bits: 0 at the top of the tile's iteration, 1 the
+    # key loads an iteration ahead, 2 all loads an iteration ahead. One H200, one process, 128
+    # programs per SM: 4-bit 1.14 ms with 1 (149 registers), 1.18 with 0 (125), 1.30-1.48 with 2
+    # (188); 8-bit 1.68-1.73 with 1 (184), 1.70-1.91 with 0 (132), 1.92-1.95 with 2 (226).
+    "imma_prefetch": {4: 1, 8: 1},
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
@@ -767,7 +771,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
 
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_unroll"][max(kb[0][0], vb[0][0])])
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][max(kb[0][0], vb[0][0])])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

@@ -69,13 +69,26 @@ def supported(side_k, side_v, device: torch.device, page: int | None = None) -> 
 
 
 @triton.jit
+def _operand_loads(g, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK: tl.constexpr,
+                   PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Key group ``g``'s scales at ``dim`` ([4, 4, 2, 4]) and offsets ([128], in order); zeros past ``T``."""
+    n0 = tl.minimum(g * GK, tl.maximum(T - 1, 0))  # past the end: masked, at addresses inside
+    loc, _, ks_base, _, _ = _tile_bases(n0, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED, PAGE)
+    row = ks_base + (loc // GK) * sks_t
+    d = tl.arange(0, 128)
+    ks = tl.load(ks_ptr + row + dim, mask=g * GK + dim * 0 < T, other=0.0)
+    kl = tl.load(kl_ptr + row + d, mask=g * GK + d * 0 < T, other=0.0)
+    return ks, kl
+
+
+@triton.jit
 def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
                          T, G, Hkv, M, KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
                          PAGE: tl.constexpr, GPP: tl.constexpr):
-    # One program: one query row, GPP key groups (one group per program made hundreds of
-    # thousands of tiny programs at batch 16 / 32K). bk [rows, G, 4 (t), 3 (limb), 8]: lane
-    # (limb, t)'s B registers of k-steps 0-3 (b0, b1), bytes of x_d = round(q_d scale_d 2**e) as
-    # balanced digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
+    # One program: one query row, GPP key groups, each group's loads issued a group ahead (one
+    # group per program made hundreds of thousands of tiny programs at batch 16 / 32K). bk [rows,
+    # G, 4 (t), 3 (limb), 8]: lane (limb, t)'s B registers of k-steps 0-3 (b0, b1), bytes of
+    # x_d = round(q_d scale_d 2**e) as balanced digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
     pid = tl.program_id(0)
     b = (pid // M) // Hkv
     h = (pid // M) % Hkv
@@ -92,15 +105,17 @@ def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr
     q = tl.load(q_ptr + pid * 128 + dim)  # [4, 4, 2, 4]
     if KBITS == 4:
         q = tl.where(hh == 1, q * 0.0625, q)  # high nibbles arrive as 16 * code
-    d = tl.arange(0, 128)
-    q_lin = tl.load(q_ptr + pid * 128 + d)
+    q_lin = tl.load(q_ptr + pid * 128 + tl.arange(0, 128))
+    g0 = tl.program_id(1) * GPP
+    ks_n, kl_n = _operand_loads(g0, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
+                                PAGE)
     for gi in range(GPP):
-        g = tl.program_id(1) * GPP + gi
+        g = g0 + gi
+        ks, kl = ks_n, kl_n
+        ks_n, kl_n = _operand_loads(g + 1, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
+                                    PAGED, PAGE)
         if g * GK < T:
-            loc, _, ks_base, _, _ = _tile_bases(g * GK, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED,
-                                                PAGE)
-            row = ks_base + (loc // GK) * sks_t
-            x = q * tl.load(ks_ptr + row + dim).to(tl.float32)
+            x = q * ks.to(tl.float32)
             amax = tl.max(tl.reshape(tl.abs(x), [128]), axis=0)
             ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
             ex = tl.minimum(tl.maximum(ex, -100), 100)
@@ -117,9 +132,8 @@ def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr
             tl.store(out, tl.sum((l0 & 255) << sh, axis=3))
             tl.store(out + 8, tl.sum((l1 & 255) << sh, axis=3))
             tl.store(out + 16, tl.sum((l2 & 255) << sh, axis=3))
-            bias = tl.sum(q_lin * tl.load(kl_ptr + row + d).to(tl.float32), axis=0)
             tl.store(eb_ptr + (pid * G + g) * 2, down)
-            tl.store(eb_ptr + (pid * G + g) * 2 + 1, bias)
+            tl.store(eb_ptr + (pid * G + g) * 2 + 1, tl.sum(q_lin * kl.to(tl.float32), axis=0))
 
 
 _LO4 = tl.constexpr(0x0F0F0F0F)
@@ -136,20 +150,15 @@ def _split4(x):
 
 
 @triton.jit
-def _tile_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr,
-                tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, KBITS: tl.constexpr,
-                VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                SCONTIG: tl.constexpr):
-    """Everything tile ``tile`` reads, issued together: the key B registers, ``2**-e`` and bias,
-    key words of tokens ``4g + e`` (4-bit [32, 4], 8-bit [32, 4, 2]), value words of tokens
-    ``4t + i + 16Q`` ([32, J] each, Q-major), value scales and offsets [32, 4 (i), 2 (Q)]. Nothing
-    from ``end`` on (a multiple of 32: segments hold whole key groups, so a tile is all in or all
-    out); a tile past ``t_hi`` reads (masked) at the last tile's addresses."""
-    n0 = tile * 32
-    ok = n0 + tl.zeros([32, 1], tl.int32) < end
+def _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+               KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """What tile ``tile``'s scores read, issued together: the key B registers, ``2**-e`` and bias,
+    key words of tokens ``4g + e`` (4-bit [32, 4], 8-bit [32, 4, 2]). Nothing from ``end`` on (a
+    multiple of 32: segments hold whole key groups, so a tile is all in or all out); a tile past
+    ``t_hi`` reads (masked) at the last tile's addresses."""
+    ok = tile * 32 + tl.zeros([32, 1], tl.int32) < end
     at = tl.minimum(tile, t_hi - 1) * 32
-    loc, k_base, _, v_base, vs_base = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b,
-                                                  svs_h, PAGED, PAGE)
+    loc, k_base, _, _, _ = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, 0, 0, 0, 0, PAGED, PAGE)
     grp = at // GK
     bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
     kb01 = tl.load(bko, mask=g < 3, other=0)
@@ -169,6 +178,19 @@ def _tile_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr,
         k1 = _load8(p + (loc + tok + 1) * skc_t, ok)
         k2 = _load8(p + (loc + tok + 2) * skc_t, ok)
         k3 = _load8(p + (loc + tok + 3) * skc_t, ok)
+    return kb01, kb23, e, bias, k0, k1, k2, k3
+
+
+@triton.jit
+def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
+                 svs_b, svs_h, svs_t, VBITS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                 SCONTIG: tl.constexpr):
+    """What tile ``tile``'s value product reads, issued together (masks as ``_key_loads``): value
+    words of tokens ``4t + i + 16Q`` ([32, J] each, Q-major), value scales and offsets [32, 4 (i), 2 (Q)]."""
+    ok = tile * 32 + tl.zeros([32, 1], tl.int32) < end
+    at = tl.minimum(tile, t_hi - 1) * 32
+    loc, _, _, v_base, vs_base = _tile_bases(at, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, svc_b, svc_h, svs_b, svs_h, PAGED,
+                                             PAGE)
     J: tl.constexpr = 2 if VBITS == 4 else 4
     pv = vc_ptr + v_base + J * g + tl.arange(0, J)[None, :]
     tv = 4 * t
@@ -189,7 +211,7 @@ def _tile_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr,
         vs_off = vs_base + (loc + ts) * svs_t
         sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok, other=0.0)
         lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok, other=0.0)
-    return n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
+    return v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
 
 
 @triton.jit
@@ -287,7 +309,7 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
                m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
                end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
                VBITS: tl.constexpr):
-    """One tile's scores, softmax step and value product on the loads of ``_tile_loads``; returns the new state.
+    """One tile's scores, softmax step and value product on the loads of ``_key_loads`` and ``_value_loads``; returns the new state.
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
     ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
@@ -302,6 +324,9 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
     s = tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
     s_hi = tl.max(tl.max(s, axis=1), axis=0)
 
+    # ---- the value operand on the current reference, before knowing whether it moves (it rarely
+    # does): the score maximum's lane reduction then overlaps this work instead of preceding it
+    bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
     # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
     grow = s_hi > m_ref + _TAU
     if grow | (since >= _FLUSH_TILES):
@@ -318,21 +343,9 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
         l_p = l_p * alpha
         m_ref = m_new
         since = 0
-    p = tl.math.exp2(s - m_ref)
-    l_p += tl.sum(p, axis=1)[:, None]
-
-    # ---- values: B = p * scale in fixed point, limb g % 3 of group g // 3, for the lane's tokens
-    p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
-    pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
-    p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
-    p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
-    acc_lo += tl.sum(tl.sum(p8 * lv.to(tl.float32), axis=2), axis=1)[:, None]
-    xb = (p8 * (f_lane[:, :, None] * sv.to(tl.float32)) + 8388608.0).to(tl.int32, bitcast=True)  # limbs: bytes 0-2
-    xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
-    x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
-    xb0, xb2 = tl.split(x02)
-    xb1, xb3 = tl.split(x13)
-    bv0, bv1 = tl.split(ptx.gather_byte(xb0, xb1, xb2, xb3, sel))  # tokens 4t + i, 4t + 16 + i
+        bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
+    l_p += p_sum
+    acc_lo += lo_sum
     a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
     a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
     c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
@@ -340,11 +353,32 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
 
 
 @triton.jit
+def _value_operands(s, m_ref, sv, lv, f_lane, sel):
+    """The value product's B registers for scores ``s`` [32, 4] (lanes t = 0) against reference
+    ``m_ref``: ``p * scale`` in fixed point, limb g % 3 of group g // 3, for the lane's tokens
+    ``4t + i`` (``bv0``) and ``4t + 16 + i`` (``bv1``), [32] each; and the lane's sums of p and
+    of p times the value offset of group ``gl`` ([32, 1] each)."""
+    p = tl.math.exp2(tl.minimum(s - m_ref, _TAU))  # a no-op when it is used (else recomputed): no overflow
+    p0, p1, p2, p3 = _split4(p.to(tl.int32, bitcast=True))
+    pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(p0, p1, p2, p3)  # tokens 4t + i, 4t + 16 + i
+    p8 = tl.join(tl.join(tl.join(pa0, pb0), tl.join(pa1, pb1)), tl.join(tl.join(pa2, pb2), tl.join(pa3, pb3)))
+    p8 = tl.reshape(tl.permute(p8, (0, 3, 2, 1)), [32, 4, 2]).to(tl.float32, bitcast=True)  # [32, i, Q]
+    lo_sum = tl.sum(tl.sum(p8 * lv.to(tl.float32), axis=2), axis=1)[:, None]
+    xb = (p8 * (f_lane[:, :, None] * sv.to(tl.float32)) + 8388608.0).to(tl.int32, bitcast=True)  # limbs: bytes 0-2
+    xq = tl.permute(xb, (0, 2, 1))  # [32, Q, i]
+    x02, x13 = tl.split(tl.reshape(xq, [32, 2, 2, 2]))  # i = 2a + c: c = 0 -> i = 0, 2
+    xb0, xb2 = tl.split(x02)
+    xb1, xb3 = tl.split(x13)
+    bv0, bv1 = tl.split(ptx.gather_byte(xb0, xb1, xb2, xb3, sel))
+    return bv0, bv1, tl.sum(p, axis=1)[:, None], lo_sum
+
+
+@triton.jit
 def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, UNROLL: tl.constexpr, SCONTIG: tl.constexpr):
+                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -399,26 +433,41 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     c3 = tl.zeros([32, 8], tl.int32)
     acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
-    for tile in range(t_lo, t_hi, UNROLL):
-        # UNROLL tiles' loads are issued before any of them is computed: more bytes in flight
-        n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _tile_loads(
-            tile, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr,
-            stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, KBITS, VBITS, GK, PAGED, PAGE,
-            SCONTIG)
-        if UNROLL == 2:
-            (n0b, kb01b, kb23b, eb, biasb, k0b, k1b, k2b, k3b, v00b, v01b, v02b, v03b, v10b, v11b, v12b, v13b, svb,
-             lvb) = _tile_loads(tile + 1, t_hi, end, pid, G, b, h, g, t, u4, gs, gl, bk_ptr, eb_ptr, kc_ptr, vc_ptr,
-                                vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h,
-                                svs_t, KBITS, VBITS, GK, PAGED, PAGE, SCONTIG)
+    # PREFETCH 1: the next tile's key loads are issued an iteration ahead, so that the key
+    # product waits for no load; 2: its value loads too
+    if PREFETCH >= 1:
+        kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(t_lo, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
+                                                         kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
+                                                         PAGED, PAGE)
+    if PREFETCH == 2:
+        v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
+            t_lo, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t, svs_b,
+            svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+    for tile in range(t_lo, t_hi):
+        if PREFETCH == 0:
+            kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
+                                                             kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
+                                                             PAGED, PAGE)
+        if PREFETCH <= 1:
+            v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
+                tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
+                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+        if PREFETCH >= 1:
+            nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3 = _key_loads(
+                tile + 1, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
+                skc_t, KBITS, GK, PAGED, PAGE)
+        if PREFETCH == 2:
+            nv00, nv01, nv02, nv03, nv10, nv11, nv12, nv13, nsv, nlv = _value_loads(
+                tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
+                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
         m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
-            n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
+            tile * 32, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
             m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
             f_lane, sel, o_row, KBITS, VBITS)
-        if UNROLL == 2:
-            m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
-                n0b, kb01b, kb23b, eb, biasb, k0b, k1b, k2b, k3b, v00b, v01b, v02b, v03b, v10b, v11b, v12b, v13b, svb,
-                lvb, m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1,
-                inv_f, h1, f_lane, sel, o_row, KBITS, VBITS)
+        if PREFETCH >= 1:
+            kb01, kb23, e, bias, k0, k1, k2, k3 = nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3
+        if PREFETCH == 2:
+            v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = nv00, nv01, nv02, nv03, nv10, nv11, nv12, nv13, nsv, nlv
 
     # ---- this split's partial result
     f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
@@ -445,14 +494,15 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           unroll: int = 1) -> None:
+           prefetch: int = 0) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
     ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
-    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``unroll``: tiles
-    (of 32 tokens) whose loads are issued together, 1 or 2.
+    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``prefetch``: 0
+    (a tile's loads at the top of its iteration), 1 (its key loads an iteration ahead), 2 (all
+    its loads an iteration ahead).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -467,4 +517,4 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     _decode_kernel[(rows, n_splits)](
         bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, UNROLL=unroll, SCONTIG=svs[2] == 2, num_warps=1, num_stages=1)
+        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, num_warps=1, num_stages=1)

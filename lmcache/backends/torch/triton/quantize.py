@@ -27,7 +27,9 @@ _RNE = tl.constexpr(12582912.0)
 # layer of a 32K-token prefill (40 heads x 128, 4-bit), keys and values together, in one
 # process with the previous kernels: keys with 1 warp over 64 channels 0.365 ms (2 warps over
 # all 128 channels, as before, 0.391; 32 channels 0.468); the previous kernels 0.377.
-CONFIG = {"keys_warps": 1, "keys_channels": 64, "values_warps": 4}
+# "values_tokens": tokens per values program (of head_dim 128; scaled to keep its element count);
+# "stream": streaming cache hints (read once: evict first; codes and scales: ``.cs`` stores).
+CONFIG = {"keys_warps": 1, "keys_channels": 64, "values_warps": 4, "values_tokens": 32, "stream": False}
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def _pack(codes, N: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, PER: tl.c
 @triton.jit
 def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
                           D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                          DC: tl.constexpr):
+                          DC: tl.constexpr, STREAM: tl.constexpr):
     # One program: one row (batch * head), one group of G tokens and DC of the D channels. The
     # tile is read as [G, DC], contiguous runs of each row, and packed by splitting the channel axis.
     row = tl.program_id(0).to(tl.int64)
@@ -83,7 +85,8 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     W: tl.constexpr = D // PER
     t = grp * G + tl.arange(0, G)
     ch = c0 + tl.arange(0, DC)
-    x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :]).to(tl.float32)
+    x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :],
+                eviction_policy="evict_first" if STREAM else "").to(tl.float32)
     lo = tl.min(x, axis=0)
     hi = tl.max(x, axis=0)
     sdt = s_ptr.dtype.element_ty
@@ -95,16 +98,17 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     codes = _round_codes(x, lo_s.to(tl.float32)[None], sf[None], inv[None], 2 ** BITS - 1)
     packed = _pack(codes, G, DC, BITS, PER)  # [G, DC // PER]: channel 2i is the low nibble of byte i
     w = c0 // PER + tl.arange(0, DC // PER)
-    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(c_ptr.dtype.element_ty))
+    cm: tl.constexpr = ".cs" if STREAM else ""
+    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(c_ptr.dtype.element_ty), cache_modifier=cm)
     soff = row * (T // G) * D + grp * D + ch
-    tl.store(s_ptr + soff, scale)
-    tl.store(l_ptr + soff, lo_s)
+    tl.store(s_ptr + soff, scale, cache_modifier=cm)
+    tl.store(l_ptr + soff, lo_s, cache_modifier=cm)
 
 
 @triton.jit
 def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
                             D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                            BLOCK_T: tl.constexpr):
+                            BLOCK_T: tl.constexpr, STREAM: tl.constexpr):
     # One program: BLOCK_T tokens (of all rows flattened), every channel group.
     NG: tl.constexpr = D // G
     WG: tl.constexpr = G // PER
@@ -112,7 +116,8 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
     g = tl.arange(0, NG)
     mask_t = t < n_tok
     ch = g[:, None] * G + tl.arange(0, G)[None, :]  # [NG, G]: whole contiguous rows
-    x = tl.load(x_ptr + t[:, None, None] * D + ch[None], mask=mask_t[:, None, None], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + t[:, None, None] * D + ch[None], mask=mask_t[:, None, None], other=0.0,
+                eviction_policy="evict_first" if STREAM else "").to(tl.float32)
     lo = tl.min(x, axis=2)                                                # [BLOCK_T, NG]
     hi = tl.max(x, axis=2)
     sdt = s_ptr.dtype.element_ty
@@ -126,10 +131,11 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
                         [BLOCK_T, NG, WG])
     w = tl.arange(0, WG)
     coff = t[:, None, None] * (D // PER) + g[None, :, None] * WG + w[None, None, :]
-    tl.store(c_ptr + coff, packed.to(c_ptr.dtype.element_ty), mask=mask_t[:, None, None])
+    cm: tl.constexpr = ".cs" if STREAM else ""
+    tl.store(c_ptr + coff, packed.to(c_ptr.dtype.element_ty), mask=mask_t[:, None, None], cache_modifier=cm)
     soff = t[:, None] * NG + g[None, :]
-    tl.store(s_ptr + soff, scale, mask=mask_t[:, None])
-    tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None])
+    tl.store(s_ptr + soff, scale, mask=mask_t[:, None], cache_modifier=cm)
+    tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None], cache_modifier=cm)
 
 
 def supported(shape: tuple, spec: QuantSpec) -> bool:
@@ -173,17 +179,19 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         dc = max(min(d, CONFIG["keys_channels"]), per)
         if rows and n:
             _quantize_keys_kernel[(rows, n // g, d // dc)](xc, out, scale, lo, n, D=d, G=g, BITS=spec.bits, PER=per,
-                                                           DC=dc, num_warps=CONFIG["keys_warps"],
+                                                           DC=dc, STREAM=CONFIG["stream"],
+                                                           num_warps=CONFIG["keys_warps"],
                                                            enable_fp_fusion=False)
     else:
         sshape = lead + (n, d // g)
         scale = torch.empty(sshape, dtype=sdt, device=x.device)
         lo = torch.empty(sshape, dtype=sdt, device=x.device)
         n_tok = rows * n
-        # 4096 elements per program: enough bytes in flight per SM to stream at bandwidth.
-        block_t = max(1, min(64, 4096 // d))
+        # CONFIG["values_tokens"] at head_dim 128 (4096 elements): enough bytes in flight per SM
+        # to stream at bandwidth.
+        block_t = max(1, min(128, CONFIG["values_tokens"] * 128 // d))
         if n_tok:
             _quantize_values_kernel[(triton.cdiv(n_tok, block_t),)](
                 xc, out, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
-                num_warps=CONFIG["values_warps"], enable_fp_fusion=False)
+                STREAM=CONFIG["stream"], num_warps=CONFIG["values_warps"], enable_fp_fusion=False)
     return codes, scale, lo
