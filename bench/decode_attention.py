@@ -38,6 +38,8 @@ SHAPES = [(1, 4096), (16, 4096), (1, 32768), (16, 32768), (1, 131072)]
 PREFILL = 32768
 DEV = "cuda"
 ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
+# decode_imma settings the sweep tries beyond the defaults, shared by 4- and 8-bit
+SHARED = {"imma_operand_groups": (8, 32), "dense_min_tiles": (1, 2)}
 
 
 _FLUSH = {}
@@ -136,7 +138,8 @@ def sweep(caches, q, scale) -> dict:
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
     runs with each load schedule (a tile's loads at the top of its iteration, its key loads or
-    all its loads an iteration ahead), at three programs-per-SM settings. Without
+    all its loads an iteration ahead), at three programs-per-SM settings, then with the other
+    values of ``SHARED`` (key groups per key-operand program, splits of the float16 residual). Without
     it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of
     ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
     sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The older
@@ -153,6 +156,7 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["imma"] = key == "imma"
         if key == "imma":
             da.CONFIG["imma_prefetch"] = {**saved["imma_prefetch"], bits: cfg["prefetch"]}
+            da.CONFIG.update({name: cfg[name] for name in SHARED if name in cfg})
         else:
             da.CONFIG[key] = dict(cfg)
         res = {"bits": bits, "config": key if qrows else "rows", "settings": dict(cfg),
@@ -191,10 +195,18 @@ def sweep(caches, q, scale) -> dict:
         grid = [(pf, pps) for pf in (0, 1, 2) for pps in (64, 128, 256)] if DEV == "cuda" else [(1, 64)]
         imma = {bits: min((trial(bits, "imma", {"prefetch": pf}, pps=pps) for pf, pps in grid), key=lambda t: t["ms"])
                 for bits in (4, 8)}
+        # settings both widths share: kept when they lower the sum of the two times
+        for name, values in SHARED.items() if DEV == "cuda" else ():
+            for val in values:
+                ts = {b: trial(b, "imma", {**imma[b]["settings"], name: val}, pps=imma[b]["programs_per_sm"])
+                      for b in (4, 8)}
+                if ts[4]["ms"] + ts[8]["ms"] < imma[4]["ms"] + imma[8]["ms"]:
+                    imma = ts
         if all(imma[b]["ms"] < best[b]["ms"] for b in (4, 8)):
             best = imma
             da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
             da.CONFIG["imma_prefetch"] = {b: imma[b]["settings"]["prefetch"] for b in (4, 8)}
+            da.CONFIG.update({name: imma[4]["settings"][name] for name in SHARED if name in imma[4]["settings"]})
         else:
             use_imma = False
     da.CONFIG["imma"] = use_imma

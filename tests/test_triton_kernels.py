@@ -274,6 +274,22 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1}],
+                         ids=str)
+def test_imma_settings_match_numpy(rng, monkeypatch, settings):
+    """Settings the benchmark may pick: key groups per key-operand program (3: groups of a
+    sequence split across programs unevenly), splits of the dense residual."""
+    calls = _imma_calls(monkeypatch)
+    for key, value in settings.items():
+        monkeypatch.setitem(da.CONFIG, key, value)
+    segs = _cache(rng, 2, 2, 64 * (5 if DEVICE == "cpu" else 37), 77, 128, 4, 8, 64, torch.float16, gv=64)
+    q = torch.from_numpy(rng.standard_normal((2, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert calls == [(4, 8)]
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
+                               rtol=TOL[torch.float16])
+
+
 @pytest.mark.parametrize("flush_tiles,prefetch", [(1024, 0), (1024, 1), (1024, 2), (2, 0), (2, 2)])
 def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, prefetch):
     """Scores that climb along the sequence (the softmax reference moves and the integer value

@@ -94,6 +94,10 @@ CONFIG = {
     # programs per SM: 4-bit 1.14 ms with 1 (149 registers), 1.18 with 0 (125), 1.30-1.48 with 2
     # (188); 8-bit 1.68-1.73 with 1 (184), 1.70-1.91 with 0 (132), 1.92-1.95 with 2 (226).
     "imma_prefetch": {4: 1, 8: 1},
+    "imma_operand_groups": 16,  # key groups per program of decode_imma's key-operand kernel
+    # Fewest tiles per split of a dense (float16) segment such as the recent-token residual:
+    # fewer splits mean fewer partials to merge, more mean more programs for a short segment.
+    "dense_min_tiles": _MIN_TILES_PER_SPLIT,
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
@@ -675,9 +679,9 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so tests exercise the merge
 
 
-def _splits(n_tiles: int, programs: int, device: torch.device) -> int:
+def _splits(n_tiles: int, programs: int, device: torch.device, min_tiles: int = _MIN_TILES_PER_SPLIT) -> int:
     want = max(1, math.ceil(_num_sms(device) * CONFIG["programs_per_sm"] / max(1, programs)))
-    return max(1, min(want, n_tiles // _MIN_TILES_PER_SPLIT if device.type == "cuda" else n_tiles))
+    return max(1, min(want, n_tiles // min_tiles if device.type == "cuda" else n_tiles))
 
 
 def _side_arrays(x, bits_out: list, words: bool):
@@ -771,7 +775,8 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
 
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][max(kb[0][0], vb[0][0])])
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][max(kb[0][0], vb[0][0])],
+                           CONFIG["imma_operand_groups"])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 
@@ -850,7 +855,9 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     total = sum(lens)
     f32 = any((x.scale if isinstance(x, QuantBlock) else x).dtype == torch.float32 for s in segments for x in s)
     programs = b * hkv * (m_rows if kind == "rows" else 1)
-    splits = [_splits(math.ceil(n / bn), programs, q.device) for n, bn in zip(lens, bns)]
+    splits = [_splits(math.ceil(n / bn), programs, q.device,
+                      _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"])
+              for (ks, _), n, bn in zip(segments, lens, bns)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     base, pos = 0, 0
     for (ks, vs), n, bn, ns in zip(segments, lens, bns, splits):

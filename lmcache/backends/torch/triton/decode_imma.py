@@ -48,7 +48,6 @@ _TAU = tl.constexpr(3.0)  # the softmax reference moves when a score passes it b
 _P_MAX = tl.constexpr(8.0)  # 2**_TAU: the largest p
 _FLUSH_TILES = tl.constexpr(1024)  # a tile adds below 255 * 255 * 32 < 2**21 to a value accumulator
 _X_RANGE = tl.constexpr(8388608.0 - 65536.0)  # fixed-point values of p * scale stay below 2**23
-_GROUPS_PER_PROGRAM = 16  # key groups per key-operand program
 _I2F = tl.constexpr(0x4B400000)  # bits of 1.5 * 2**23; plus an int32 n, |n| < 2**22: the float n + 12582912
 
 
@@ -309,7 +308,8 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
                m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
                end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
                VBITS: tl.constexpr):
-    """One tile's scores, softmax step and value product on the loads of ``_key_loads`` and ``_value_loads``; returns the new state.
+    """One tile's scores, softmax step and value product on the loads of ``_key_loads`` and
+    ``_value_loads``; returns the new state.
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
     ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
@@ -494,7 +494,7 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           prefetch: int = 0) -> None:
+           prefetch: int = 0, operand_groups: int = 16) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
@@ -502,7 +502,7 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
     group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``prefetch``: 0
     (a tile's loads at the top of its iteration), 1 (its key loads an iteration ahead), 2 (all
-    its loads an iteration ahead).
+    its loads an iteration ahead); ``operand_groups``: key groups per key-operand program.
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -511,9 +511,9 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     g = triton.cdiv(T, gk)
     bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
     eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
-    _key_operands_kernel[(rows, triton.cdiv(g, _GROUPS_PER_PROGRAM))](
+    _key_operands_kernel[(rows, triton.cdiv(g, operand_groups))](
         q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
-        GPP=_GROUPS_PER_PROGRAM, num_warps=1)
+        GPP=operand_groups, num_warps=1)
     _decode_kernel[(rows, n_splits)](
         bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
