@@ -94,10 +94,12 @@ CONFIG = {
     # programs per SM: 4-bit 1.14 ms with 1 (149 registers), 1.18 with 0 (125), 1.30-1.48 with 2
     # (188); 8-bit 1.68-1.73 with 1 (184), 1.70-1.91 with 0 (132), 1.92-1.95 with 2 (226).
     "imma_prefetch": {4: 1, 8: 1},
-    "imma_operand_groups": 16,  # key groups per program of decode_imma's key-operand kernel
+    # Key groups per program of decode_imma's key-operand kernel: 8, 16, 32 within 0.5%.
+    "imma_operand_groups": 8,
     # Fewest tiles per split of a dense (float16) segment such as the recent-token residual:
     # fewer splits mean fewer partials to merge, more mean more programs for a short segment.
-    "dense_min_tiles": _MIN_TILES_PER_SPLIT,
+    # The 128-token residual at batch 16: 27.6 us as one split (8), 16.0 us as four (1).
+    "dense_min_tiles": 1,
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
