@@ -218,7 +218,7 @@ def bench_quantize(bw: float) -> dict:
     """Quantize + pack one layer's K and V of a 32K-token prefill (batch 1), 4 and 8 bits.
 
     First tries launch settings of each kernel (warps; channels per program for keys, tokens per
-    program for values), then streaming cache hints on both, on 4-bit codes, and keeps the best.
+    program for values) on 4-bit codes and keeps the best.
     """
     k = torch.randn(1, HEADS, PREFILL, HEAD_DIM, dtype=torch.float16, device=DEV)
     v = torch.randn_like(k)
@@ -226,11 +226,9 @@ def bench_quantize(bw: float) -> dict:
     grids = {"keys": [{"keys_warps": nw, "keys_channels": dc} for nw, dc in
                       ((2, 128), (4, 128), (1, 64), (2, 64), (1, 32), (2, 32))],
              "values": [{"values_warps": nw, "values_tokens": nt} for nw, nt in
-                        ((2, 32), (4, 32), (8, 32), (4, 64), (8, 64), (4, 16))],
-             "stream": [{"stream": False}, {"stream": True}]}
+                        ((2, 32), (4, 32), (8, 32), (4, 64), (8, 64), (4, 16))]}
     ks4, vs4 = QuantSpec(4, GROUP, -2), QuantSpec(4, GROUP, -1)
-    for side, fn in (("keys", lambda: quantize(k, ks4)), ("values", lambda: quantize(v, vs4)),
-                     ("stream", lambda: (quantize(k, ks4), quantize(v, vs4)))):
+    for side, fn in (("keys", lambda: quantize(k, ks4)), ("values", lambda: quantize(v, vs4))):
         for cfg in grids[side] if DEV == "cuda" else grids[side][:1]:
             qz.CONFIG.update(cfg)
             tried[",".join(f"{a}={b}" for a, b in cfg.items())] = (timed(fn), cfg)

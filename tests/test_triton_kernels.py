@@ -64,7 +64,7 @@ def test_quantize_dequantize_exact(rng, dtype, bits, axis, tokens, d):
     np.testing.assert_array_equal(out.float().cpu().numpy(), _f32(NB.dequantize(ref, str(dtype)[6:])))
 
 
-@pytest.mark.parametrize("settings", [{"stream": True}, {"values_tokens": 64, "values_warps": 8},
+@pytest.mark.parametrize("settings", [{"values_tokens": 64, "values_warps": 8},
                                       {"values_tokens": 16, "values_warps": 2, "keys_channels": 32}], ids=str)
 @pytest.mark.parametrize("axis,tokens", [(-2, 64), (-1, 37)])
 def test_quantize_launch_settings_give_the_same_codes(rng, monkeypatch, settings, axis, tokens):

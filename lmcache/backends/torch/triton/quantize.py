@@ -27,9 +27,11 @@ _RNE = tl.constexpr(12582912.0)
 # layer of a 32K-token prefill (40 heads x 128, 4-bit), keys and values together, in one
 # process with the previous kernels: keys with 1 warp over 64 channels 0.365 ms (2 warps over
 # all 128 channels, as before, 0.391; 32 channels 0.468); the previous kernels 0.377.
-# "values_tokens": tokens per values program (of head_dim 128; scaled to keep its element count);
-# "stream": streaming cache hints (read once: evict first; codes and scales: ``.cs`` stores).
-CONFIG = {"keys_warps": 1, "keys_channels": 64, "values_warps": 4, "values_tokens": 32, "stream": False}
+# "values_tokens": tokens per values program (of head_dim 128; scaled to keep its element
+# count). Later, by the do_bench-style timer: values with 4 warps over 32 tokens 0.138 ms, 8 over
+# 64 0.137, 2 over 32 0.142, 4 over 16 0.156; streaming cache hints (evict-first loads, ``.cs``
+# stores) made keys and values together slower (0.293 against 0.285) and were dropped.
+CONFIG = {"keys_warps": 1, "keys_channels": 64, "values_warps": 4, "values_tokens": 32}
 
 
 @triton.jit
@@ -76,7 +78,7 @@ def _pack(codes, N: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, PER: tl.c
 @triton.jit
 def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
                           D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                          DC: tl.constexpr, STREAM: tl.constexpr):
+                          DC: tl.constexpr):
     # One program: one row (batch * head), one group of G tokens and DC of the D channels. The
     # tile is read as [G, DC], contiguous runs of each row, and packed by splitting the channel axis.
     row = tl.program_id(0).to(tl.int64)
@@ -85,8 +87,7 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     W: tl.constexpr = D // PER
     t = grp * G + tl.arange(0, G)
     ch = c0 + tl.arange(0, DC)
-    x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :],
-                eviction_policy="evict_first" if STREAM else "").to(tl.float32)
+    x = tl.load(x_ptr + row * T * D + t[:, None] * D + ch[None, :]).to(tl.float32)
     lo = tl.min(x, axis=0)
     hi = tl.max(x, axis=0)
     sdt = s_ptr.dtype.element_ty
@@ -98,17 +99,16 @@ def _quantize_keys_kernel(x_ptr, c_ptr, s_ptr, l_ptr, T,
     codes = _round_codes(x, lo_s.to(tl.float32)[None], sf[None], inv[None], 2 ** BITS - 1)
     packed = _pack(codes, G, DC, BITS, PER)  # [G, DC // PER]: channel 2i is the low nibble of byte i
     w = c0 // PER + tl.arange(0, DC // PER)
-    cm: tl.constexpr = ".cs" if STREAM else ""
-    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(c_ptr.dtype.element_ty), cache_modifier=cm)
+    tl.store(c_ptr + row * T * W + t[:, None] * W + w[None, :], packed.to(c_ptr.dtype.element_ty))
     soff = row * (T // G) * D + grp * D + ch
-    tl.store(s_ptr + soff, scale, cache_modifier=cm)
-    tl.store(l_ptr + soff, lo_s, cache_modifier=cm)
+    tl.store(s_ptr + soff, scale)
+    tl.store(l_ptr + soff, lo_s)
 
 
 @triton.jit
 def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
                             D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                            BLOCK_T: tl.constexpr, STREAM: tl.constexpr):
+                            BLOCK_T: tl.constexpr):
     # One program: BLOCK_T tokens (of all rows flattened), every channel group.
     NG: tl.constexpr = D // G
     WG: tl.constexpr = G // PER
@@ -116,8 +116,7 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
     g = tl.arange(0, NG)
     mask_t = t < n_tok
     ch = g[:, None] * G + tl.arange(0, G)[None, :]  # [NG, G]: whole contiguous rows
-    x = tl.load(x_ptr + t[:, None, None] * D + ch[None], mask=mask_t[:, None, None], other=0.0,
-                eviction_policy="evict_first" if STREAM else "").to(tl.float32)
+    x = tl.load(x_ptr + t[:, None, None] * D + ch[None], mask=mask_t[:, None, None], other=0.0).to(tl.float32)
     lo = tl.min(x, axis=2)                                                # [BLOCK_T, NG]
     hi = tl.max(x, axis=2)
     sdt = s_ptr.dtype.element_ty
@@ -131,11 +130,10 @@ def _quantize_values_kernel(x_ptr, c_ptr, s_ptr, l_ptr, n_tok,
                         [BLOCK_T, NG, WG])
     w = tl.arange(0, WG)
     coff = t[:, None, None] * (D // PER) + g[None, :, None] * WG + w[None, None, :]
-    cm: tl.constexpr = ".cs" if STREAM else ""
-    tl.store(c_ptr + coff, packed.to(c_ptr.dtype.element_ty), mask=mask_t[:, None, None], cache_modifier=cm)
+    tl.store(c_ptr + coff, packed.to(c_ptr.dtype.element_ty), mask=mask_t[:, None, None])
     soff = t[:, None] * NG + g[None, :]
-    tl.store(s_ptr + soff, scale, mask=mask_t[:, None], cache_modifier=cm)
-    tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None], cache_modifier=cm)
+    tl.store(s_ptr + soff, scale, mask=mask_t[:, None])
+    tl.store(l_ptr + soff, lo_s, mask=mask_t[:, None])
 
 
 def supported(shape: tuple, spec: QuantSpec) -> bool:
@@ -179,8 +177,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         dc = max(min(d, CONFIG["keys_channels"]), per)
         if rows and n:
             _quantize_keys_kernel[(rows, n // g, d // dc)](xc, out, scale, lo, n, D=d, G=g, BITS=spec.bits, PER=per,
-                                                           DC=dc, STREAM=CONFIG["stream"],
-                                                           num_warps=CONFIG["keys_warps"],
+                                                           DC=dc, num_warps=CONFIG["keys_warps"],
                                                            enable_fp_fusion=False)
     else:
         sshape = lead + (n, d // g)
@@ -193,5 +190,5 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         if n_tok:
             _quantize_values_kernel[(triton.cdiv(n_tok, block_t),)](
                 xc, out, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
-                STREAM=CONFIG["stream"], num_warps=CONFIG["values_warps"], enable_fp_fusion=False)
+                num_warps=CONFIG["values_warps"], enable_fp_fusion=False)
     return codes, scale, lo
