@@ -290,7 +290,27 @@ def bench_shape(batch: int, ctx: int, scale: float, do_sweep: bool) -> tuple[dic
         row[f"q{bits}_rel_err_vs_dequant_sdpa"] = check(segs, q, scale) if batch * ctx <= 32768 else None
         if do_sweep:
             row[f"q{bits}_kernels_us"] = kernel_breakdown(da.decode_attention, q, segs, scale)
+    if batch == 1 and DEV == "cuda":  # host-bound when eager: also as a captured CUDA graph replays it
+        for name, (fn, a) in runs.items():
+            key = "sdpa_fp16" if name == "sdpa" else f"q{name}"
+            row[f"{key}_graph_ms"] = timed(graphed(fn, *a).replay)
+        for bits in caches:
+            row[f"q{bits}_graph_speedup"] = row["sdpa_fp16_graph_ms"] / row[f"q{bits}_graph_ms"]
     return row, sw
+
+
+def graphed(fn, *args) -> torch.cuda.CUDAGraph:
+    """``fn(*args)`` captured in a CUDA graph (compiled and warmed up first, on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    return graph
 
 
 def kernel_breakdown(fn, *args) -> dict:
@@ -366,6 +386,10 @@ def main() -> None:
         print(f"B={batch:>2} T={ctx:>6}: sdpa fp16 {row['sdpa_fp16_ms']:.3f} ms | 4-bit {row['q4_ms']:.3f} ms "
               f"x{row['q4_speedup']:.2f} {row['q4_TBps']:.2f} TB/s | 8-bit {row['q8_ms']:.3f} ms "
               f"x{row['q8_speedup']:.2f} {row['q8_TBps']:.2f} TB/s", flush=True)
+        if "q4_graph_ms" in row:
+            print(f"  as CUDA graphs: sdpa {row['sdpa_fp16_graph_ms']:.3f} ms | 4-bit {row['q4_graph_ms']:.3f} ms "
+                  f"x{row['q4_graph_speedup']:.2f} | 8-bit {row['q8_graph_ms']:.3f} ms x{row['q8_graph_speedup']:.2f}",
+                  flush=True)
         torch.cuda.empty_cache()
 
     extra = bench_gqa(scale) if DEV == "cuda" else []

@@ -207,6 +207,31 @@ def test_decode_attention_declines_unsupported_layouts(rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_attention_in_a_cuda_graph(bits):
+    """Compiled only: a decode call captured in a CUDA graph (what torch.compile's
+    "reduce-overhead" and serving engines do at batch 1) replays with new queries and gives
+    the eager result: no host synchronisation, no host-side data in the call."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    rng = np.random.default_rng(bits)
+    segs = _cache(rng, 1, 4, 64 * 33, 77, 128, bits, bits, 64, torch.float16, gv=64)
+    q = torch.randn(1, 4, 1, 128, dtype=torch.float16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        da.decode_attention(q, segs, 128 ** -0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, segs, 128 ** -0.5)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.testing.assert_close(out, da.decode_attention(q, segs, 128 ** -0.5), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
 def test_decode_attention_long_sequence_on_gpu(variant):
     """Compiled only: many splits over a long sequence, 16 query tokens, grouped heads."""
     if not torch.cuda.is_available():
