@@ -82,6 +82,8 @@ def host_us(fn, *args, iters: int = 20) -> float:
     fn(*args)
     if DEV == "cuda":
         torch.cuda.synchronize()
+    else:  # --smoke: the interpreter runs the kernels on the host, once is enough
+        iters = 1
     t0 = time.perf_counter()
     for _ in range(iters):
         fn(*args)
@@ -360,11 +362,11 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1, to check the script itself")
     args = ap.parse_args()
-    global DEV, HEADS, SHAPES, PREFILL, RESIDUAL
+    global DEV, HEADS, SHAPES, PREFILL, RESIDUAL, ROUNDS
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--smoke needs TRITON_INTERPRET=1 in the environment")
-        DEV, HEADS, SHAPES, PREFILL, RESIDUAL = "cpu", 2, [(1, 256), (16, 512)], 128, 64
+        DEV, HEADS, SHAPES, PREFILL, RESIDUAL, ROUNDS = "cpu", 2, [(1, 256), (16, 512)], 128, 64, 1
     elif not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA or ROCm GPU")
     torch.manual_seed(0)
