@@ -113,10 +113,6 @@ def main() -> None:
                 times[n].append(bench.timed(fn, q, segs, scale, warmup=2, iters=9))
                 outs.setdefault(n.split()[0], fn(q, segs, scale))
                 conf.update(saved)
-        if args.kernel == "imma":
-            import lmcache.backends.torch.triton as pkg
-
-            pkg.decode_imma = importlib.import_module(f"{pkg.__name__}.decode_imma")
         err = bench.rel_err(outs["new"], outs["old"])
         res[f"{bits}-bit"] = {"rel_diff_new_vs_old": err, "ms": {n: min(x) for n, x in times.items()}}
         print(f"{bits}-bit (outputs differ by {err:.1e} relative)")

@@ -186,7 +186,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         n_tok = rows * n
         # CONFIG["values_tokens"] at head_dim 128 (4096 elements): enough bytes in flight per SM
         # to stream at bandwidth.
-        block_t = max(1, min(128, CONFIG["values_tokens"] * 128 // d))
+        block_t = max(1, min(64, CONFIG["values_tokens"] * 128 // d))
         if n_tok:
             _quantize_values_kernel[(triton.cdiv(n_tok, block_t),)](
                 xc, out, scale, lo, n_tok, D=d, G=g, BITS=spec.bits, PER=per, BLOCK_T=block_t,
