@@ -299,11 +299,12 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1}],
-                         ids=str)
+@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1},
+                                      {"imma_l2_ahead": {4: 0, 8: 2}}], ids=str)
 def test_imma_settings_match_numpy(rng, monkeypatch, settings):
     """Settings the benchmark may pick: key groups per key-operand program (3: groups of a
-    sequence split across programs unevenly), splits of the dense residual."""
+    sequence split across programs unevenly), splits of the dense residual, L2 requests two
+    tiles ahead (past the split's end, too)."""
     calls = _imma_calls(monkeypatch)
     for key, value in settings.items():
         monkeypatch.setitem(da.CONFIG, key, value)

@@ -96,6 +96,9 @@ CONFIG = {
     "imma_prefetch": {4: 1, 8: 1},
     # Key groups per program of decode_imma's key-operand kernel: 8, 16, 32 within 0.5%.
     "imma_operand_groups": 8,
+    # How many tiles ahead decode_imma asks L2 for a tile's bytes (0: it does not), by the wider
+    # side's bits: the value loads of an iteration are issued at its top and otherwise wait on memory.
+    "imma_l2_ahead": {4: 0, 8: 0},
     # Fewest tiles per split of a dense (float16) segment such as the recent-token residual:
     # fewer splits mean fewer partials to merge, more mean more programs for a short segment.
     # The 128-token residual at batch 16: 27.6 us as one split (8), 16.0 us as four (1).
@@ -775,10 +778,11 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
     if rows and cfg["qrows"] and not f32 and _use_imma(kside, vside, None if paged is None else page):
         from . import decode_imma
 
+        wide = max(kb[0][0], vb[0][0])
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][max(kb[0][0], vb[0][0])],
-                           CONFIG["imma_operand_groups"])
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][wide],
+                           CONFIG["imma_operand_groups"], CONFIG["imma_l2_ahead"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

@@ -214,6 +214,23 @@ def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tb
 
 
 @triton.jit
+def _prefetch_tile(tile, t_hi, pid, G, b, h, lane, bk_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b,
+                   skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, GK: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE: tl.constexpr):
+    """Bring tile ``tile``'s bytes into L2 (past ``t_hi``: the last tile's again, which costs a hit):
+    lane ``l`` asks for token ``l``'s key and value rows and value scale and offset, and for
+    the lane's share of the key group's limbs. Registers hold nothing, so the value loads of a
+    later iteration, issued only at its top, find their lines in L2 instead of memory."""
+    at = tl.minimum(tile, t_hi - 1) * 32
+    loc, k_base, _, v_base, vs_base = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b,
+                                                  svs_h, PAGED, PAGE)
+    tok = loc + lane
+    ptx.prefetch_l2((kc_ptr + k_base + tok * skc_t).to(tl.int64), (vc_ptr + v_base + tok * svc_t).to(tl.int64),
+                    (vs_ptr + vs_base + tok * svs_t).to(tl.int64), (vl_ptr + vs_base + tok * svs_t).to(tl.int64),
+                    (bk_ptr + (pid * G + at // GK) * 96 + 3 * lane).to(tl.int64))
+
+
+@triton.jit
 def _pick_group(x0, x1, grp):
     """Value group ``grp`` [32, 1] of four tokens' (group 0, group 1) pairs, [32, 8] for Q = 0
     (``x0``) and 1 (``x1``): [32, 4 (i), 2 (Q)]."""
@@ -378,7 +395,7 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr):
+                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr, L2_AHEAD: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -444,6 +461,9 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
             t_lo, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t, svs_b,
             svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
     for tile in range(t_lo, t_hi):
+        if L2_AHEAD > 0:
+            _prefetch_tile(tile + L2_AHEAD, t_hi, pid, G, b, h, lane, bk_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr,
+                           stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, GK, PAGED, PAGE)
         if PREFETCH == 0:
             kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
                                                              kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
@@ -494,7 +514,7 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           prefetch: int = 0, operand_groups: int = 16) -> None:
+           prefetch: int = 0, operand_groups: int = 16, l2_ahead: int = 0) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
@@ -502,7 +522,8 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
     group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``prefetch``: 0
     (a tile's loads at the top of its iteration), 1 (its key loads an iteration ahead), 2 (all
-    its loads an iteration ahead); ``operand_groups``: key groups per key-operand program.
+    its loads an iteration ahead); ``operand_groups``: key groups per key-operand program;
+    ``l2_ahead``: how many tiles ahead each iteration asks L2 for a tile's bytes (0: none).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -517,4 +538,4 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     _decode_kernel[(rows, n_splits)](
         bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, num_warps=1, num_stages=1)
+        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, L2_AHEAD=l2_ahead, num_warps=1, num_stages=1)

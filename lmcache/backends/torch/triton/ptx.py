@@ -39,6 +39,7 @@ _TRANSPOSE = tl.constexpr("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;
                           " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
 _GATHER = tl.constexpr("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
                        " prmt.b32 $0, y, z, 0x5410; }")
+_PREFETCH = tl.constexpr("".join(f"prefetch.global.L2 [${1 + i}];\n" for i in range(5)) + "mov.b32 $0, 0;")
 _C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
 _C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
 _C_SPREAD = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
@@ -94,6 +95,17 @@ def gather_byte(x0, x1, x2, x3, sel):
     """One word of byte ``L`` of ``x0 .. x3`` (in that order); ``sel`` = ``L | (L + 4) << 4``."""
     return tl.inline_asm_elementwise(_GATHER, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], dtype=tl.int32,
                                      is_pure=True, pack=1)
+
+
+@triton.jit
+def prefetch_l2(p0, p1, p2, p3, p4):
+    """Ask L2 for the lines at five addresses (int64 tensors of one shape: pointers cast to int64).
+
+    Returns an int32 zero tensor to ignore: the asm has side effects (``is_pure=False``), so it
+    stays although nothing reads its result. Nothing waits for the lines, no register holds them.
+    """
+    return tl.inline_asm_elementwise(_PREFETCH, "=r,l,l,l,l,l", [p0, p1, p2, p3, p4], dtype=tl.int32, is_pure=False,
+                                     pack=1)
 
 
 # ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
@@ -164,7 +176,11 @@ def _emu_gather(x0, x1, x2, x3, sel):
     return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
 
 
-_EMULATIONS = {_MMA_KEYS.value: _emu_mma_keys, _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
+def _emu_prefetch(*ptrs):
+    return [np.zeros(np.shape(ptrs[0]), np.int32)]
+
+
+_EMULATIONS = {_PREFETCH.value: _emu_prefetch, _MMA_KEYS.value: _emu_mma_keys, _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
                _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather}
 
 
