@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -59,20 +60,35 @@ def configs_rows(bits: int) -> dict:
 
 
 def configs_imma(bits: int) -> dict:
-    """decode_imma old and new, each with the load schedules 0 and 1 (``CONFIG["imma_prefetch"]``)."""
+    """decode_imma old (load schedule 1) and new: schedule 1 with the key-operand kernel, key operands
+    made in the decode kernel (``CONFIG["imma_key_operands"]`` 1 and 2), two tiles per loop step
+    (``CONFIG["imma_pair"]``), at several programs-per-SM settings."""
+    import types
+
     import lmcache.backends.torch.triton as pkg
     from lmcache.backends.torch.triton import _old_decode_imma as old
     from lmcache.backends.torch.triton import decode_attention as da
 
     new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
+    # the old launch takes none of the settings added since: drop what the new decode_attention passes
+    n_old = len(inspect.signature(old.launch).parameters)
+    shim = types.SimpleNamespace(supported=old.supported, launch=lambda *a: old.launch(*a[:n_old]))
 
-    cfgs = {}
-    for mod, name in ((old, "old"), (new, "new")):
-        for pf in (0, 1):
-            c = {"imma": True, "imma_prefetch": {**da.CONFIG["imma_prefetch"], bits: pf}}
-            # decode_attention imports decode_imma from the package at each call: swap the module in
-            cfgs[f"{name} prefetch={pf}"] = (da.decode_attention, da.CONFIG, c,
-                                             lambda mod=mod: setattr(pkg, "decode_imma", mod))
+    def c(kops=0, pair=False, pps=None):
+        return {"imma": True, "imma_prefetch": {**da.CONFIG["imma_prefetch"], bits: 1},
+                "imma_key_operands": {**da.CONFIG["imma_key_operands"], bits: kops},
+                "imma_pair": {**da.CONFIG["imma_pair"], bits: pair},
+                "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
+
+    def swap(mod):
+        # decode_attention imports decode_imma from the package at each call: swap the module in
+        return lambda: setattr(pkg, "decode_imma", mod)
+
+    cfgs = {"old prefetch=1": (da.decode_attention, da.CONFIG, c(), swap(shim))}
+    for kops, pair, p in ((0, False, 128), (1, False, 128), (2, False, 128), (1, True, 128), (1, True, 64),
+                          (1, True, 32)):
+        cfgs[f"new kops={kops} pair={int(pair)} pps={p}"] = (da.decode_attention, da.CONFIG, c(kops, pair, p),
+                                                             swap(new))
     return cfgs
 
 
@@ -111,13 +127,15 @@ def main() -> None:
                 saved = dict(conf)
                 conf.update(settings)
                 times[n].append(bench.timed(fn, q, segs, scale, warmup=2, iters=9))
-                outs.setdefault(n.split()[0], fn(q, segs, scale))
+                if n not in outs:
+                    outs[n] = fn(q, segs, scale)
                 conf.update(saved)
-        err = bench.rel_err(outs["new"], outs["old"])
-        res[f"{bits}-bit"] = {"rel_diff_new_vs_old": err, "ms": {n: min(x) for n, x in times.items()}}
-        print(f"{bits}-bit (outputs differ by {err:.1e} relative)")
+        first = next(iter(cfgs))  # the old kernel: every output against it
+        err = {n: bench.rel_err(o, outs[first]) for n, o in outs.items()}
+        res[f"{bits}-bit"] = {"rel_diff_vs_first": err, "ms": {n: min(x) for n, x in times.items()}}
+        print(f"{bits}-bit (outputs against {first!r}, relative difference)")
         for n, x in times.items():
-            print(f"  {n:<34} {min(x):7.3f} ms  (rounds: {', '.join(f'{t:.3f}' for t in x)})")
+            print(f"  {n:<34} {min(x):7.3f} ms  diff {err[n]:.1e}  (rounds: {', '.join(f'{t:.3f}' for t in x)})")
         del segs
     os.makedirs(args.out, exist_ok=True)
     card = "".join(ch if ch.isalnum() else "-" for ch in res["device"]).strip("-")

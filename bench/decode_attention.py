@@ -39,7 +39,9 @@ PREFILL = 32768
 DEV = "cuda"
 ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
 # decode_imma settings the sweep tries beyond the defaults, shared by 4- and 8-bit
-SHARED = {"imma_operand_groups": (8, 32), "dense_min_tiles": (1, 2)}
+SHARED = {"dense_min_tiles": (1, 2), "dense_side_tokens": (0,)}
+# decode_imma settings per width: the sweep's name -> the CONFIG entry ({bits: value})
+IMMA_PER_BITS = {"prefetch": "imma_prefetch", "key_operands": "imma_key_operands", "pair": "imma_pair"}
 
 
 _FLUSH = {}
@@ -139,14 +141,15 @@ def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
-    runs with each load schedule (a tile's loads at the top of its iteration, its key loads or
-    all its loads an iteration ahead), at three programs-per-SM settings, then with the other
-    values of ``SHARED`` (key groups per key-operand program, splits of the float16 residual). Without
-    it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of
-    ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile
-    sizes, warps and prefetch settings, then programs per SM (shared, chosen on 4-bit). The older
-    row kernel runs once on each, for reference. The integer kernel is kept if it is the fastest
-    at both widths.
+    runs with its load schedules (a tile's loads at the top of its iteration, or its key loads an
+    iteration ahead), its key operands from the key-operand kernel or made in the decode kernel
+    (every step, once per key group) and two tiles per step at three programs-per-SM settings;
+    then with the other values of ``SHARED`` (splits of the float16 residual, no second stream
+    for it). Without it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16
+    matrix-unit kernel of ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is
+    tried at several tile sizes, warps and prefetch settings, then programs per SM (shared, chosen
+    on 4-bit). The older row kernel runs once on each, for reference. The integer kernel is kept
+    if it is the fastest at both widths.
     """
     trials = []
     use_imma = da.CONFIG["imma"]
@@ -157,7 +160,8 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["rows"] = {**saved["rows"], "qrows": qrows}
         da.CONFIG["imma"] = key == "imma"
         if key == "imma":
-            da.CONFIG["imma_prefetch"] = {**saved["imma_prefetch"], bits: cfg["prefetch"]}
+            for name, entry in IMMA_PER_BITS.items():
+                da.CONFIG[entry] = {**saved[entry], bits: cfg.get(name, 0)}
             da.CONFIG.update({name: cfg[name] for name in SHARED if name in cfg})
         else:
             da.CONFIG[key] = dict(cfg)
@@ -194,9 +198,12 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        grid = [(pf, pps) for pf in (0, 1, 2) for pps in (64, 128, 256)] if DEV == "cuda" else [(1, 64)]
-        imma = {bits: min((trial(bits, "imma", {"prefetch": pf}, pps=pps) for pf, pps in grid), key=lambda t: t["ms"])
-                for bits in (4, 8)}
+        # (load schedule, key operands, tile pairs, programs per SM): the schedules and key-operand
+        # sources at 128 programs per SM, tile pairs (fewer, longer programs) at three
+        grid = [(0, 0, False, 128), (1, 0, False, 128), (1, 1, False, 128), (1, 2, False, 128), (1, 1, True, 32),
+                (1, 1, True, 64), (1, 1, True, 128)] if DEV == "cuda" else [(1, 1, True, 64)]
+        imma = {bits: min((trial(bits, "imma", {"prefetch": pf, "key_operands": kops, "pair": pair}, pps=pps)
+                           for pf, kops, pair, pps in grid), key=lambda t: t["ms"]) for bits in (4, 8)}
         # settings both widths share: kept when they lower the sum of the two times
         for name, values in SHARED.items() if DEV == "cuda" else ():
             for val in values:
@@ -207,7 +214,8 @@ def sweep(caches, q, scale) -> dict:
         if all(imma[b]["ms"] < best[b]["ms"] for b in (4, 8)):
             best = imma
             da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
-            da.CONFIG["imma_prefetch"] = {b: imma[b]["settings"]["prefetch"] for b in (4, 8)}
+            for name, entry in IMMA_PER_BITS.items():
+                da.CONFIG[entry] = {b: imma[b]["settings"].get(name, 0) for b in (4, 8)}
             da.CONFIG.update({name: imma[4]["settings"][name] for name in SHARED if name in imma[4]["settings"]})
         else:
             use_imma = False

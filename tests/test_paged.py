@@ -152,3 +152,35 @@ def test_pages_move_between_tiers(rng):
     seqs[0] = pool.import_pages(host)
     after = paged_attention(q, pool, block_table(seqs, DEVICE), lens, 0.125, kr, vr, use_triton=False)
     torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kops,pair", [(0, False), (2, False), (1, True)])
+def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair):
+    """The integer matrix-unit kernel through a block table (head dim 128, pages of 64 tokens,
+    a shared first page), with its key operands from the key-operand kernel (0) or made in the
+    decode kernel (1, 2), one or two tiles per loop step."""
+    if not KERNEL:
+        pytest.skip("the kernel needs a GPU or TRITON_INTERPRET=1")
+    require("triton")
+    from lmcache.backends.torch.triton import decode_attention as da
+    from lmcache.backends.torch.triton import decode_imma
+
+    for key, value in {"rows_max": 1 << 20, "imma": True, "imma_key_operands": {4: kops, 8: kops},
+                       "imma_pair": {4: pair, 8: pair}, "programs_per_sm": 1,
+                       "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
+        monkeypatch.setitem(da.CONFIG, key, value)
+    calls = []
+    launch = decode_imma.launch
+    monkeypatch.setattr(decode_imma, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    pool = _pool(head_dim=128, page_size=64, group_size=64)
+    s0: list[int] = []
+    pool.append(s0, 0, _rand(rng, 2, 192, 128), _rand(rng, 2, 192, 128))
+    s1 = pool.share(s0[:1])
+    pool.append(s1, 64, _rand(rng, 2, 64, 128), _rand(rng, 2, 64, 128))
+    seqs, lens = [s0, s1], torch.tensor([192, 128], device=DEVICE)
+    q = _rand(rng, 2, 6, 1, 128)
+    kr, vr = _rand(rng, 2, 2, 9, 128), _rand(rng, 2, 2, 9, 128)
+    out = paged_attention(q, pool, block_table(seqs, DEVICE), lens, 0.125, kr, vr, use_triton=True)
+    assert calls
+    np.testing.assert_allclose(out.float().cpu().numpy(), _dense_reference(q, pool, seqs, lens, kr, vr),
+                               atol=5e-3, rtol=5e-3)

@@ -208,12 +208,15 @@ def test_decode_attention_declines_unsupported_layouts(rng):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, 8])
-def test_decode_attention_in_a_cuda_graph(bits):
+@pytest.mark.parametrize("side_tokens", [0, 1])
+def test_decode_attention_in_a_cuda_graph(monkeypatch, bits, side_tokens):
     """Compiled only: a decode call captured in a CUDA graph (what torch.compile's
     "reduce-overhead" and serving engines do at batch 1) replays with new queries and gives
-    the eager result: no host synchronisation, no host-side data in the call."""
+    the eager result: no host synchronisation, no host-side data in the call. With
+    ``side_tokens`` 1 the float16 residual runs on a second stream (forked and joined in the graph)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    monkeypatch.setitem(da.CONFIG, "dense_side_tokens", side_tokens)
     rng = np.random.default_rng(bits)
     segs = _cache(rng, 1, 4, 64 * 33, 77, 128, bits, bits, 64, torch.float16, gv=64)
     q = torch.randn(1, 4, 1, 128, dtype=torch.float16, device="cuda")
@@ -229,6 +232,8 @@ def test_decode_attention_in_a_cuda_graph(bits):
         q.copy_(torch.randn_like(q))
         graph.replay()
         torch.testing.assert_close(out, da.decode_attention(q, segs, 128 ** -0.5), rtol=0, atol=0)
+    monkeypatch.setitem(da.CONFIG, "dense_side_tokens", 1 - side_tokens)  # the other stream layout: same bits
+    torch.testing.assert_close(out, da.decode_attention(q, segs, 128 ** -0.5), rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -299,12 +304,11 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1},
-                                      {"imma_l2_ahead": {4: 0, 8: 2}}], ids=str)
+@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1}],
+                         ids=str)
 def test_imma_settings_match_numpy(rng, monkeypatch, settings):
     """Settings the benchmark may pick: key groups per key-operand program (3: groups of a
-    sequence split across programs unevenly), splits of the dense residual, L2 requests two
-    tiles ahead (past the split's end, too)."""
+    sequence split across programs unevenly), splits of the dense residual."""
     calls = _imma_calls(monkeypatch)
     for key, value in settings.items():
         monkeypatch.setitem(da.CONFIG, key, value)
@@ -312,6 +316,28 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
     q = torch.from_numpy(rng.standard_normal((2, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert calls == [(4, 8)]
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
+                               rtol=TOL[torch.float16])
+
+
+@pytest.mark.parametrize("kops,pair", [(0, False), (1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("kbits,vbits,g,pps", [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)])
+def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, kbits, vbits, g, pps):
+    """Key B registers from the key-operand kernel (0) or made in the decode kernel
+    (``CONFIG["imma_key_operands"]``: every step, once per key group), one tile per loop step or
+    two (``CONFIG["imma_pair"]``; key groups of 32 fall back to one): one split per sequence
+    (``pps`` 1: group boundaries inside the loop) or several (5: splits that start inside a key
+    group, and with pairs splits of an odd number of tiles, made even, so that some are empty)."""
+    calls = _imma_calls(monkeypatch)
+    monkeypatch.setitem(da.CONFIG, "imma_key_operands", {4: kops, 8: kops})
+    monkeypatch.setitem(da.CONFIG, "imma_pair", {4: pair, 8: pair})
+    monkeypatch.setitem(da.CONFIG, "programs_per_sm", pps)
+    blocks = 2 if pps == 1 else 1
+    segs = _cache(rng, 2, 2, g * (3 if DEVICE == "cpu" else 13), 37, 128, kbits, vbits, g, torch.float16,
+                  blocks=blocks, gv=64)
+    q = torch.from_numpy(rng.standard_normal((2, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert calls == [(kbits, vbits)] * blocks
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
                                rtol=TOL[torch.float16])
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -72,7 +73,9 @@ _MIN_TILES_PER_SPLIT = 8
 # tiles; it runs from 3 query rows per KV head (GQA 40/8, 4 query tokens: 3.25 ms, the row
 # kernel 5.0 ms).
 CONFIG = {
-    "programs_per_sm": 128,
+    # 64 since decode_imma runs two tiles per step (its longer programs: 4-bit 0.819 ms at 64,
+    # 0.842 at 128, 0.904 at 256; 8-bit 1.352 / 1.354 / 1.388); the other kernels were tuned at 128
+    "programs_per_sm": 64,
     "rows_max": 2,  # query rows per KV head up to which the row kernels run
     "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
     # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows";
@@ -96,9 +99,21 @@ CONFIG = {
     "imma_prefetch": {4: 1, 8: 1},
     # Key groups per program of decode_imma's key-operand kernel: 8, 16, 32 within 0.5%.
     "imma_operand_groups": 8,
-    # How many tiles ahead decode_imma asks L2 for a tile's bytes (0: it does not), by the wider
-    # side's bits: the value loads of an iteration are issued at its top and otherwise wait on memory.
-    "imma_l2_ahead": {4: 0, 8: 0},
+    # decode_imma's key B registers, by the wider side's bits: 0 from the key-operand kernel (a
+    # second launch that writes them to memory), 1 or 2 made in the decode kernel from the key
+    # scales, every loop step or once per key group (load schedule 1 only). One H200, one process,
+    # one tile per step: 4-bit 0.920 ms with 0, 0.854 with 1, 0.872 with 2; 8-bit 1.431 / 1.509 /
+    # 1.435 (bench/results/decode_imma-ab-NVIDIA-H200.json holds a later run of these).
+    "imma_key_operands": {4: 1, 8: 1},
+    # decode_imma's 32-token tiles two per loop step under one softmax step, by the wider side's
+    # bits (with key operands 1 and key groups of 64 or more): twice the bytes in flight per warp
+    # at 238 (4-bit) / 255 registers. Same run, 64 programs per SM: 4-bit 0.819 ms (one tile per
+    # step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were slower
+    # (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills).
+    "imma_pair": {4: True, 8: True},
+    # Quantized tokens (summed over the batch) from which the dense segments of a decode call run on
+    # a second stream, beside the quantized ones (0: never).
+    "dense_side_tokens": 1 << 17,
     # Fewest tiles per split of a dense (float16) segment such as the recent-token residual:
     # fewer splits mean fewer partials to merge, more mean more programs for a short segment.
     # The 128-token residual at batch 16: 27.6 us as one split (8), 16.0 us as four (1).
@@ -782,7 +797,9 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
                            (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][wide],
-                           CONFIG["imma_operand_groups"], CONFIG["imma_l2_ahead"][wide])
+                           CONFIG["imma_operand_groups"],
+                           CONFIG["imma_key_operands"][wide] if CONFIG["imma_prefetch"][wide] == 1 else 0,
+                           CONFIG["imma_pair"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 
@@ -865,12 +882,39 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
                       _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"])
               for (ks, _), n, bn in zip(segments, lens, bns)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
+    dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
+    side = _side_stream(q.device, b * sum(n for n, d in zip(lens, dense) if not d), any(dense))
     base, pos = 0, 0
     for (ks, vs), n, bn, ns in zip(segments, lens, bns, splits):
-        _launch(q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)
+        with torch.cuda.stream(side) if side is not None and not isinstance(ks, QuantBlock) else nullcontext():
+            _launch(q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)
         base += ns
         pos += n
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return _finish(part, q)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device, quant_tokens: int, dense: bool):
+    """A second stream for the dense segments (the recent-token residual), if there are any, when
+    the quantized ones hold enough tokens (``quant_tokens``, over the batch) to keep the GPU busy
+    meanwhile (``CONFIG["dense_side_tokens"]``), else ``None``.
+
+    The residual's few programs then run beside the quantized segments' kernels instead of after
+    them. The stream has waited for the current one (the query and partials exist on it); the
+    caller makes the current stream wait for it before merging."""
+    if device.type != "cuda" or not dense or not CONFIG["dense_side_tokens"] or quant_tokens < CONFIG[
+            "dense_side_tokens"]:
+        return None
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    side = _SIDE_STREAMS[key]
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
 
 
 def attend_view(q: torch.Tensor, view: KVView, scale: float, rotate) -> torch.Tensor | None:
@@ -915,9 +959,13 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     ns = _splits(math.ceil(max_len / bn), programs, q.device)
     nr = 1 if r else 0
     part = _Partials(ns + nr, b * hkv, m_rows, d, q.device)
+    side = _side_stream(q.device, b * max_len, r > 0)
+    if r:
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            _launch(q2, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
+                    f32)
     _launch(q2, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32,
             paged=(table, lengths, pool.page_size))
-    if r:
-        _launch(q2, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
-                f32)
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return _finish(part, q)

@@ -151,19 +151,29 @@ def _split4(x):
 @triton.jit
 def _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
                KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """What tile ``tile``'s scores read, issued together: the key B registers, ``2**-e`` and bias,
-    key words of tokens ``4g + e`` (4-bit [32, 4], 8-bit [32, 4, 2]). Nothing from ``end`` on (a
-    multiple of 32: segments hold whole key groups, so a tile is all in or all out); a tile past
-    ``t_hi`` reads (masked) at the last tile's addresses."""
-    ok = tile * 32 + tl.zeros([32, 1], tl.int32) < end
+    """What tile ``tile``'s scores read from the key-operand kernel and the cache, issued together:
+    the key B registers, ``2**-e`` and bias, and the key words of ``_key_words``."""
     at = tl.minimum(tile, t_hi - 1) * 32
-    loc, k_base, _, _, _ = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, 0, 0, 0, 0, PAGED, PAGE)
     grp = at // GK
     bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
     kb01 = tl.load(bko, mask=g < 3, other=0)
     kb23 = tl.load(bko + 4, mask=g < 3, other=0)
     e = tl.load(eb_ptr + (pid * G + grp) * 2)
     bias = tl.load(eb_ptr + (pid * G + grp) * 2 + 1)
+    k0, k1, k2, k3 = _key_words(tile, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS,
+                                PAGED, PAGE)
+    return kb01, kb23, e, bias, k0, k1, k2, k3
+
+
+@triton.jit
+def _key_words(tile, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS: tl.constexpr,
+               PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Key words of tile ``tile``'s tokens ``4g + e`` (4-bit [32, 4], 8-bit [32, 4, 2]). Nothing
+    from ``end`` on (a multiple of 32: segments hold whole key groups, so a tile is all in or all
+    out); a tile past ``t_hi`` reads (masked) at the last tile's addresses."""
+    ok = tile * 32 + tl.zeros([32, 1], tl.int32) < end
+    at = tl.minimum(tile, t_hi - 1) * 32
+    loc, k_base, _, _, _ = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, 0, 0, 0, 0, PAGED, PAGE)
     tok = 4 * g
     if KBITS == 4:  # words 4t .. 4t + 3
         p = kc_ptr + k_base + 4 * t + u4
@@ -177,7 +187,48 @@ def _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, 
         k1 = _load8(p + (loc + tok + 1) * skc_t, ok)
         k2 = _load8(p + (loc + tok + 2) * skc_t, ok)
         k3 = _load8(p + (loc + tok + 3) * skc_t, ok)
-    return kb01, kb23, e, bias, k0, k1, k2, k3
+    return k0, k1, k2, k3
+
+
+@triton.jit
+def _scale_loads(tile, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK: tl.constexpr,
+                 PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """The key scales and offsets of tile ``tile``'s group at the lane's dimensions ``kd`` [32, 4]
+    (past ``t_hi``: the last tile's)."""
+    at = tl.minimum(tile, t_hi - 1) * 32
+    loc, _, ks_base, _, _ = _tile_bases(at, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED, PAGE)
+    row = ks_base + (loc // GK) * sks_t
+    return tl.load(ks_ptr + row + kd), tl.load(kl_ptr + row + kd)
+
+
+@triton.jit
+def _key_operands(q4, qx4, ks, kl):
+    """A key group's B registers (as ``_key_loads`` gives them, [32, 4] twice), ``2**-e`` and bias,
+    made in the decode kernel from the group's scales ``ks`` and offsets ``kl`` at the lane's four
+    dimensions (those of B register ``g`` of the lanes of column ``t``): ``x = q * scale`` (``qx4``,
+    with the 4-bit high nibbles' 1/16), fixed point ``round(x 2**(21 - e))`` as ``_key_operands_kernel``
+    makes it, its three balanced limbs as the bytes of ``x + 0x808080`` with the top bits flipped,
+    moved to the lanes that hold them by ``ptx.key_b``. Bias: ``q . offset`` over the warp."""
+    x = qx4 * ks.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
+    ex = tl.minimum(tl.maximum(ex, -100), 100)
+    up = ((148 - ex) << 23).to(tl.float32, bitcast=True)  # 2**(21 - ex): |x| * up < 2**22
+    down = ((106 + ex) << 23).to(tl.float32, bitcast=True)
+    # bits of x * up + 1.5 * 2**23 minus _I2F are round(x * up); plus 0x808080, byte k is limb k + 128
+    u = (x * up + 12582912.0).to(tl.int32, bitcast=True) - (_I2F - 0x808080)
+    u0, u1, u2, u3 = _split4(u)
+    w0, w1, w2, _ = ptx.transpose4(u0, u1, u2, u3)
+    flip = -0x7F7F7F80  # 0x80808080 as int32: limb + 128 -> the limb's two's-complement byte
+    b0, b1, b2, b3, b4, b5, b6, b7 = ptx.key_b(w0 ^ flip, w1 ^ flip, w2 ^ flip)
+    bias = tl.sum(tl.sum(q4 * kl.to(tl.float32), axis=1), axis=0)
+    return _join4(b0, b1, b2, b3), _join4(b4, b5, b6, b7), down, bias
+
+
+@triton.jit
+def _join4(x0, x1, x2, x3):
+    """[32, 4] of four [32] (``_split4``'s inverse)."""
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [32, 4])
 
 
 @triton.jit
@@ -211,23 +262,6 @@ def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tb
         sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok, other=0.0)
         lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok, other=0.0)
     return v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
-
-
-@triton.jit
-def _prefetch_tile(tile, t_hi, pid, G, b, h, lane, bk_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b,
-                   skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr):
-    """Bring tile ``tile``'s bytes into L2 (past ``t_hi``: the last tile's again, which costs a hit):
-    lane ``l`` asks for token ``l``'s key and value rows and value scale and offset, and for
-    the lane's share of the key group's limbs. Registers hold nothing, so the value loads of a
-    later iteration, issued only at its top, find their lines in L2 instead of memory."""
-    at = tl.minimum(tile, t_hi - 1) * 32
-    loc, k_base, _, v_base, vs_base = _tile_bases(at, b, h, tbl_ptr, stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b,
-                                                  svs_h, PAGED, PAGE)
-    tok = loc + lane
-    ptx.prefetch_l2((kc_ptr + k_base + tok * skc_t).to(tl.int64), (vc_ptr + v_base + tok * svc_t).to(tl.int64),
-                    (vs_ptr + vs_base + tok * svs_t).to(tl.int64), (vl_ptr + vs_base + tok * svs_t).to(tl.int64),
-                    (bk_ptr + (pid * G + at // GK) * 96 + 3 * lane).to(tl.int64))
 
 
 @triton.jit
@@ -321,16 +355,9 @@ def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
 
 
 @triton.jit
-def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
-               m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
-               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
-               VBITS: tl.constexpr):
-    """One tile's scores, softmax step and value product on the loads of ``_key_loads`` and
-    ``_value_loads``; returns the new state.
-
-    The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
-    ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
-    # ---- scores: lanes t = 0 end with tokens 4g .. 4g + 3
+def _scores(n0, kb01, kb23, e, bias, k0, k1, k2, k3, end, qpos, g, t, wk0, wk1, KBITS: tl.constexpr):
+    """Base-2 scores [32, 4] of the 32-token tile at ``n0`` in lanes t = 0 (tokens ``4g + e``), -inf
+    elsewhere and past ``end`` or ``qpos``, from its key B registers, ``2**-e``, bias and key words."""
     d0, d1, d2, d3 = _key_d(k0, k1, k2, k3, kb01, kb23, KBITS)
     # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
     x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
@@ -338,12 +365,33 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
     x = tl.join(ptx.bfly(x0, 1), ptx.bfly(x1, 1))  # [32, 2 (m-tile), 2 (row half)]
     tok = n0 + 4 * g + tl.arange(0, 4)[None, :]
     s = tl.reshape(x, [32, 4]) * e + bias
-    s = tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
+    return tl.where((t == 0) & (tok < end) & (tok <= qpos), s, float("-inf"))
+
+
+@triton.jit
+def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
+               j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw,
+               m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
+               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
+               VBITS: tl.constexpr, PAIR: tl.constexpr):
+    """One step's scores, softmax step and value product on the loads of ``_key_loads`` (or
+    ``_key_words``) and ``_value_loads``; returns the new state. A step is the 32-token tile at
+    ``n0``, and with ``PAIR`` also the next one (key words ``j``, value words ``w``, value scales
+    ``sw`` and offsets ``lw``; its key group is the same), under one softmax reference.
+
+    The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
+    ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
+    s = _scores(n0, kb01, kb23, e, bias, k0, k1, k2, k3, end, qpos, g, t, wk0, wk1, KBITS)
     s_hi = tl.max(tl.max(s, axis=1), axis=0)
+    if PAIR:
+        s2 = _scores(n0 + 32, kb01, kb23, e, bias, j0, j1, j2, j3, end, qpos, g, t, wk0, wk1, KBITS)
+        s_hi = tl.maximum(s_hi, tl.max(tl.max(s2, axis=1), axis=0))
 
     # ---- the value operand on the current reference, before knowing whether it moves (it rarely
     # does): the score maximum's lane reduction then overlaps this work instead of preceding it
     bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
+    if PAIR:
+        bw0, bw1, p_sum2, lo_sum2 = _value_operands(s2, m_ref, sw, lw, f_lane, sel)
     # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
     grow = s_hi > m_ref + _TAU
     if grow | (since >= _FLUSH_TILES):
@@ -361,11 +409,20 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
         m_ref = m_new
         since = 0
         bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
+        if PAIR:
+            bw0, bw1, p_sum2, lo_sum2 = _value_operands(s2, m_ref, sw, lw, f_lane, sel)
     l_p += p_sum
     acc_lo += lo_sum
     a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
     a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
     c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
+    if PAIR:
+        l_p += p_sum2
+        acc_lo += lo_sum2
+        a0, a1 = _value_regs(w00, w01, w02, w03, VBITS)
+        a2, a3 = _value_regs(w10, w11, w12, w13, VBITS)
+        c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bw0[:, None], bw1[:, None], c0, c1, c2, c3)
+        since += 1
     return m_ref, l_p, c0, c1, c2, c3, acc_lo, since + 1
 
 
@@ -391,11 +448,12 @@ def _value_operands(s, m_ref, sv, lv, f_lane, sel):
 
 
 @triton.jit
-def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr, len_ptr,
-                   skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
+def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
+                   len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr, L2_AHEAD: tl.constexpr):
+                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr, KOPS: tl.constexpr,
+                   PAIR: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -450,20 +508,50 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
     c3 = tl.zeros([32, 8], tl.int32)
     acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
-    # PREFETCH 1: the next tile's key loads are issued an iteration ahead, so that the key
-    # product waits for no load; 2: its value loads too
-    if PREFETCH >= 1:
+    # PREFETCH 1: the next step's key loads are issued an iteration ahead, so that the key
+    # product waits for no load; 2: its value loads too. KOPS: the key B registers are made here
+    # from the key scales (loaded a step ahead of their use) instead of read from the key-operand
+    # kernel: 1 for every step, branch-free; 2 once per key group. PAIR: two tiles per step, one
+    # softmax step for both (twice the bytes in flight per warp; key groups of 64 or more, splits
+    # of an even number of tiles, KOPS 1)
+    STEP: tl.constexpr = 2 if PAIR else 1
+    if PAIR:
+        tl.static_assert((KOPS == 1) & (GK >= 64), "tile pairs take key operands made every step, groups >= 64")
+    if KOPS:
+        tl.static_assert(PREFETCH == 1, "key operands in the decode kernel take the load schedule 1")
+        TPG: tl.constexpr = GK // 32  # tiles per key group
+        if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
+            kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
+        else:  # 32t + 8s + 4hh + i
+            kd = 32 * t + 4 * g + u4
+        q4 = tl.load(q_ptr + pid * 128 + kd)
+        if KBITS == 4:  # high nibbles arrive as 16 * code
+            qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
+        else:
+            qx4 = q4
+        ks_n, kl_n = _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
+                                  PAGED, PAGE)
+        kb01, kb23, e, bias = _key_operands(q4, qx4, ks_n, kl_n)
+        k0, k1, k2, k3 = _key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                                    KBITS, PAGED, PAGE)
+        if KOPS == 1:  # the scales of the next step
+            nxt = t_lo + STEP
+        else:  # of the next group
+            nxt = (t_lo // TPG + 1) * TPG
+        ks_n, kl_n = _scale_loads(nxt, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
+                                  PAGE)
+    elif PREFETCH >= 1:
         kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(t_lo, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
                                                          kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
                                                          PAGED, PAGE)
+    if PAIR:
+        j0, j1, j2, j3 = _key_words(t_lo + 1, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                                    KBITS, PAGED, PAGE)
     if PREFETCH == 2:
         v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
             t_lo, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t, svs_b,
             svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
-    for tile in range(t_lo, t_hi):
-        if L2_AHEAD > 0:
-            _prefetch_tile(tile + L2_AHEAD, t_hi, pid, G, b, h, lane, bk_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr,
-                           stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, GK, PAGED, PAGE)
+    for tile in range(t_lo, t_hi, STEP):
         if PREFETCH == 0:
             kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
                                                              kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
@@ -472,7 +560,29 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
             v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
                 tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
                 svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
-        if PREFETCH >= 1:
+        if PAIR:
+            w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = _value_loads(
+                tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
+                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+            nj0, nj1, nj2, nj3 = _key_words(tile + 3, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
+                                            skc_h, skc_t, KBITS, PAGED, PAGE)
+        else:  # unused
+            j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = (
+                k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv)
+        if KOPS:
+            nk0, nk1, nk2, nk3 = _key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
+                                            skc_h, skc_t, KBITS, PAGED, PAGE)
+            if KOPS == 1:
+                nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
+                ks_n, kl_n = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
+                                          sks_h, sks_t, GK, PAGED, PAGE)
+            else:
+                nkb01, nkb23, ne, nbias = kb01, kb23, e, bias
+                if (tile + 1) % TPG == 0:
+                    nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
+                    ks_n, kl_n = _scale_loads(tile + 1 + TPG, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
+                                              sks_h, sks_t, GK, PAGED, PAGE)
+        elif PREFETCH >= 1:
             nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3 = _key_loads(
                 tile + 1, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
                 skc_t, KBITS, GK, PAGED, PAGE)
@@ -482,10 +592,13 @@ def _decode_kernel(bk_ptr, eb_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr,
                 svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
         m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
             tile * 32, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
+            j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw,
             m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
-            f_lane, sel, o_row, KBITS, VBITS)
+            f_lane, sel, o_row, KBITS, VBITS, PAIR)
         if PREFETCH >= 1:
             kb01, kb23, e, bias, k0, k1, k2, k3 = nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3
+        if PAIR:
+            j0, j1, j2, j3 = nj0, nj1, nj2, nj3
         if PREFETCH == 2:
             v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = nv00, nv01, nv02, nv03, nv10, nv11, nv12, nv13, nsv, nlv
 
@@ -514,7 +627,7 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           prefetch: int = 0, operand_groups: int = 16, l2_ahead: int = 0) -> None:
+           prefetch: int = 0, operand_groups: int = 16, key_operands: int = 0, pair: bool = False) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
@@ -523,19 +636,28 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``prefetch``: 0
     (a tile's loads at the top of its iteration), 1 (its key loads an iteration ahead), 2 (all
     its loads an iteration ahead); ``operand_groups``: key groups per key-operand program;
-    ``l2_ahead``: how many tiles ahead each iteration asks L2 for a tile's bytes (0: none).
+    ``key_operands``: 0, the key B registers from the key-operand kernel; 1 or 2, made in the decode
+    kernel (every step, or once per key group), with load schedule 1 only; ``pair``: two tiles per
+    loop step (with ``key_operands`` 1 and key groups of 64 or more; splits of an odd number of
+    tiles grow by one, so the last splits may be empty).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
     tbl, lens, stbl, page, paged = table
     rows = q2.shape[0] * m_rows
     g = triton.cdiv(T, gk)
-    bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
-    eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
-    _key_operands_kernel[(rows, triton.cdiv(g, operand_groups))](
-        q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
-        GPP=operand_groups, num_warps=1)
+    pair = pair and key_operands == 1 and gk >= 64
+    tiles_per_split += pair and tiles_per_split % 2
+    if key_operands:
+        bk = eb = q2  # not read
+    else:
+        bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
+        eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
+        _key_operands_kernel[(rows, triton.cdiv(g, operand_groups))](
+            q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
+            GPP=operand_groups, num_warps=1)
     _decode_kernel[(rows, n_splits)](
-        bk, eb, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *svc, *svs, stbl,
+        bk, eb, q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, L2_AHEAD=l2_ahead, num_warps=1, num_stages=1)
+        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, KOPS=key_operands, PAIR=pair, num_warps=1,
+        num_stages=1)

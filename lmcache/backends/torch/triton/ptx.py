@@ -39,7 +39,16 @@ _TRANSPOSE = tl.constexpr("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;
                           " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
 _GATHER = tl.constexpr("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
                        " prmt.b32 $0, y, z, 0x5410; }")
-_PREFETCH = tl.constexpr("".join(f"prefetch.global.L2 [${1 + i}];\n" for i in range(5)) + "mov.b32 $0, 0;")
+# Key B words from limb words: round r reads lane 4r + t's three limb words, keeps limb g's (0 for g >= 3)
+_KEY_B = tl.constexpr("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .b32 a, b, c;\n mov.u32 l, %laneid;\n"
+                      " and.b32 t, l, 3;\n shr.u32 g, l, 2;\n setp.eq.u32 p1, g, 1;\n setp.eq.u32 p2, g, 2;\n"
+                      " setp.gt.u32 p3, g, 2;\n"
+                      + "".join(f" add.u32 s, t, {4 * r};\n shfl.sync.idx.b32 a, $8, s, 0x1f, 0xffffffff;\n"
+                                f" shfl.sync.idx.b32 b, $9, s, 0x1f, 0xffffffff;\n"
+                                f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
+                                f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
+                      + "}")
+_C_KEY_B = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 3))
 _C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
 _C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
 _C_SPREAD = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
@@ -98,14 +107,13 @@ def gather_byte(x0, x1, x2, x3, sel):
 
 
 @triton.jit
-def prefetch_l2(p0, p1, p2, p3, p4):
-    """Ask L2 for the lines at five addresses (int64 tensors of one shape: pointers cast to int64).
-
-    Returns an int32 zero tensor to ignore: the asm has side effects (``is_pure=False``), so it
-    stays although nothing reads its result. Nothing waits for the lines, no register holds them.
-    """
-    return tl.inline_asm_elementwise(_PREFETCH, "=r,l,l,l,l,l", [p0, p1, p2, p3, p4], dtype=tl.int32, is_pure=False,
-                                     pack=1)
+def key_b(w0, w1, w2):
+    """The key product's 8 B registers (k-step ``s``, register ``r`` at ``2s + r``), [32] int32 each,
+    from limb words: lane ``4j + t`` holds limb ``k`` of its four dimensions in ``w<k>``, those of
+    B register ``j`` of lanes ``(g, t)``; lane ``(g, t)`` takes limb ``g`` (columns 3-7 are 0)."""
+    return tl.inline_asm_elementwise(_KEY_B, _C_KEY_B, [w0, w1, w2],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32,
+                                            tl.int32), is_pure=True, pack=1)
 
 
 # ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
@@ -176,11 +184,16 @@ def _emu_gather(x0, x1, x2, x3, sel):
     return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
 
 
-def _emu_prefetch(*ptrs):
-    return [np.zeros(np.shape(ptrs[0]), np.int32)]
+def _emu_key_b(w0, w1, w2):
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    w = np.stack([np.ascontiguousarray(x) for x in (w0, w1, w2)])  # [limb, 32, ...]
+    return [np.where((g < 3).reshape((32,) + (1,) * (w.ndim - 2)), w[np.minimum(g, 2), 4 * r + t], 0)
+            for r in range(8)]
 
 
-_EMULATIONS = {_PREFETCH.value: _emu_prefetch, _MMA_KEYS.value: _emu_mma_keys, _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
+_EMULATIONS = {_KEY_B.value: _emu_key_b, _MMA_KEYS.value: _emu_mma_keys,
+               _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
                _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather}
 
 
