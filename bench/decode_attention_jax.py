@@ -11,6 +11,11 @@ Times are medians of wall-clock loops of asynchronously dispatched calls ending 
 ``block_until_ready``, after warm-up; small problems rotate over copies of their inputs
 so that repeated calls do not run from the 60 MB L2 cache.
 
+Two Pallas kernels are timed on the same cache: ``decode_attention`` (codes to float32, FMAs)
+and ``decode_int8`` (codes on the integer matrix units), each with its own launch sweep on the
+first shape and a few slice counts on every shape; the batch-16 / 32K shape is also run with
+8-bit K and V (both kernels, their best 4-bit settings).
+
     python bench/decode_attention_jax.py          # on a GPU
     python bench/decode_attention_jax.py --smoke  # tiny shapes on CPU, kernels interpreted
 
@@ -34,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lmcache.backends.jax import ops  # noqa: E402
 from lmcache.backends.jax.pallas import decode_attention as kda  # noqa: E402
+from lmcache.backends.jax.pallas import decode_int8 as ki8  # noqa: E402
 from lmcache.backends.jax.pallas import quantize as kq  # noqa: E402
 
 HEADS, HEAD_DIM, GROUP, RESIDUAL, BITS = 40, 128, 64, 128, 4
@@ -76,40 +82,43 @@ def copy_bandwidth() -> float:
     return 2 * nbytes(x) / (ms * 1e-3)
 
 
-def quantize(x, group, axis):
+def quantize(x, group, axis, bits=BITS):
     """The Pallas kernel; the jnp path if the kernel fails to build (recorded in ERRORS)."""
     if not INTERPRET and "quantize" not in ERRORS:
         try:
-            return jax.block_until_ready(kq.quantize(x, BITS, group, axis))
+            return jax.block_until_ready(kq.quantize(x, bits, group, axis))
         except Exception as e:
             ERRORS["quantize"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  quantize kernel failed, using the jnp path: {ERRORS['quantize']}", flush=True)
-    return kq.quantize_reference(x, BITS, group, axis)
+    return kq.quantize_reference(x, bits, group, axis)
 
 
-def make_inputs(batch: int, ctx: int, key):
-    """(q, the compressed cache in our layout, fp16 K/V in the baseline's layout)."""
+def make_inputs(batch: int, ctx: int, key, bits: int = BITS, baseline: bool = True):
+    """(q, the compressed cache in our layout, fp16 K/V in the baseline's layout or None)."""
     kk, kv, kqk = jax.random.split(key, 3)
     shape = (batch, HEADS, ctx, HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.float16)
     v = jax.random.normal(kv, shape, jnp.float16)
     q = jax.random.normal(kqk, (batch, HEADS, HEAD_DIM), jnp.float16)
     t = ctx - RESIDUAL
-    kqt = quantize(k[:, :, :t], GROUP, -2)
-    vqt = quantize(v[:, :, :t], min(GROUP, HEAD_DIM), -1)
+    kqt = quantize(k[:, :, :t], GROUP, -2, bits)
+    vqt = quantize(v[:, :, :t], min(GROUP, HEAD_DIM), -1, bits)
     cache = (*kqt, *vqt, k[:, :, t:], v[:, :, t:])
-    base_k, base_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, T, N, H]
-    jax.block_until_ready((cache, base_k, base_v))
-    return q, cache, (base_k, base_v)
+    base = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if baseline else None  # [B, T, N, H]
+    jax.block_until_ready((cache, base))
+    return q, cache, base
 
 
-def compressed_step(scale: float, cfg: dict):
-    """One jitted decode step over (quantized block + float16 residual), as JaxBackend.attend does it."""
+def compressed_step(scale: float, cfg: dict, kernel=kda, bits: int = BITS):
+    """One jitted decode step over (quantized block + float16 residual), as JaxBackend.attend does it.
+
+    ``kernel``: the module whose ``decode_attention`` runs the quantized block (``kda``, ``ki8``).
+    """
 
     @jax.jit
     def step(q, kc, ks, kl, vc, vs, vl, kr, vr):
-        part = kda.decode_attention(q, kc, ks, kl, vc, vs, vl, k_bits=BITS, v_bits=BITS, scale=scale,
-                                    interpret=INTERPRET, **cfg)
+        part = kernel.decode_attention(q, kc, ks, kl, vc, vs, vl, k_bits=bits, v_bits=bits, scale=scale,
+                                       interpret=INTERPRET, **cfg)
         o, lse = ops.masked_attention_lse(q[:, :, None], kr, vr, scale, kr.shape[2], offset=None)
         return ops.combine([part, (o[:, :, 0], lse[:, :, 0])]).astype(q.dtype)
 
@@ -133,17 +142,18 @@ def rel_err(out, ref) -> float:
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
-def check(q, cache, scale) -> float:
+def check(q, cache, scale, kernel=kda, cfg=None) -> float:
     """Relative error of the compressed step against float32 attention over the dequantized cache."""
     kc, ks, kl, vc, vs, vl, kr, vr = cache
     k = jnp.concatenate([ops.dequantize(kc, ks, kl, BITS, -2, jnp.float32), kr.astype(jnp.float32)], 2)
     v = jnp.concatenate([ops.dequantize(vc, vs, vl, BITS, -1, jnp.float32), vr.astype(jnp.float32)], 2)
     ref = ops.attention(q[:, :, None].astype(jnp.float32), k, v, scale)[:, :, 0]
-    return rel_err(compressed_step(scale, {})(q, *cache), ref)
+    return rel_err(compressed_step(scale, cfg or {}, kernel)(q, *cache), ref)
 
 
 def split_choices(batch: int, ctx: int, gps: int, n: int) -> list[int]:
-    """The ``n`` slice counts nearest (in ratio) to the kernel's default that divide the loop steps."""
+    """The ``n`` slice counts nearest (in ratio) to the kernel's default that divide the loop steps
+    (``gps``: key groups per loop step, or per unit of ``max(tile, group)`` for the int8 kernel)."""
     groups = (ctx - RESIDUAL) // GROUP
     steps = groups // gps
     base = kda.choose_splits(batch, HEADS, groups, gps)
@@ -163,7 +173,36 @@ def sweep_configs(batch: int, ctx: int) -> list[dict]:
     return cfgs
 
 
-def bench_shape(batch, ctx, scale, key, best_cfg, deadline):
+def i8_sweep_configs() -> list[dict]:
+    """The int8 kernel's launch settings, likeliest first (sm_90 builds of the loop, instructions per
+    code at 4 / 8 bits: one warp 2.0 / 2.45 (64- or 128-token tiles), 2.4 / 3.0 (32); two warps 2.4 /
+    3.0; four warps 3.6 / 4.1; the pre-pass 1.95 / 2.35. num_stages=2 spills: not swept)."""
+    if INTERPRET:  # every setting is a compilation of the interpreter: two are enough to smoke-test
+        return [{}, dict(tile=128, key_operands="prepass")]
+    return [{}, dict(num_warps=2), dict(tile=128), dict(key_operands="prepass"), dict(tile=32),
+            dict(num_warps=4), dict(num_warps=2, tile=128)]
+
+
+def i8_units(cfg: dict) -> int:
+    """Key groups per unit the int8 kernel's splits must divide: ``max(tile, group) // group``."""
+    return max(cfg.get("tile", ki8.default_tile(GROUP)), GROUP) // GROUP
+
+
+def sweep(run_cfg, cfgs, trials, deadline):
+    """Time ``run_cfg(cfg)`` for each of ``cfgs`` into ``trials`` until ``deadline`` (at least one ran)."""
+    for cfg in cfgs:
+        if time.time() > deadline and any("ms" in t for t in trials):
+            return
+        try:
+            ms = run_cfg(cfg)
+            trials.append({"config": cfg, "ms": ms})
+            print(f"    {cfg}: {ms:.3f} ms", flush=True)
+        except Exception as e:  # a setting that does not compile is recorded and skipped
+            trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"    {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def bench_shape(batch, ctx, scale, key, best_cfg, deadline, best_i8=None, deadline_i8=None):
     q, cache, (bk, bv) = make_inputs(batch, ctx, key)
     row = {"batch": batch, "context": ctx}
     nb_base = nbytes(q, bk, bv)
@@ -193,16 +232,7 @@ def bench_shape(batch, ctx, scale, key, best_cfg, deadline):
     trials = []
 
     def run(cfgs):
-        for cfg in cfgs:
-            if time.time() > deadline and any("ms" in t for t in trials):
-                return
-            try:
-                ms = timed(compressed_step(scale, cfg), ours_in)
-                trials.append({"config": cfg, "ms": ms})
-                print(f"    {cfg}: {ms:.3f} ms", flush=True)
-            except Exception as e:  # a setting that does not compile is recorded and skipped
-                trials.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"    {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        sweep(lambda cfg: timed(compressed_step(scale, cfg), ours_in), cfgs, trials, deadline)
 
     # First the launch settings (on the first shape), then slice counts around the default.
     run(sweep_configs(batch, ctx) if best_cfg is None else [best_cfg])
@@ -217,7 +247,42 @@ def bench_shape(batch, ctx, scale, key, best_cfg, deadline):
     row.update(q4_ms=best["ms"], q4_config=best["config"], q4_bytes=nb_ours,
                q4_TBps=nb_ours / (best["ms"] * 1e-3) / 1e12, speedup=base_ms / best["ms"], trials=trials)
     row["q4_rel_err_vs_dequant_fp32"] = check(q, cache, scale) if batch * ctx <= 32768 else None
+
+    # The int8 matrix-unit kernel on the same cache: its own settings, then slice counts.
+    print("  int8 kernel:", flush=True)
+    i8_trials = []
+    run_i8 = lambda cfg: timed(compressed_step(scale, cfg, ki8), ours_in)
+    sweep(run_i8, i8_sweep_configs() if best_i8 is None else [best_i8], i8_trials, deadline_i8 or deadline)
+    good = [t for t in i8_trials if "ms" in t]
+    if good:
+        rest = {k: v for k, v in min(good, key=lambda t: t["ms"])["config"].items() if k != "splits"}
+        sweep(run_i8, [dict(rest, splits=s) for s in split_choices(batch, ctx, i8_units(rest), 3)[1:]],
+              i8_trials, deadline_i8 or deadline)
+        top = min((t for t in i8_trials if "ms" in t), key=lambda t: t["ms"])
+        row.update(i8_ms=top["ms"], i8_config=top["config"], i8_TBps=nb_ours / (top["ms"] * 1e-3) / 1e12,
+                   i8_speedup=base_ms / top["ms"], i8_vs_q4=best["ms"] / top["ms"])
+        row["i8_rel_err_vs_dequant_fp32"] = (check(q, cache, scale, ki8, top["config"])
+                                             if batch * ctx <= 32768 else None)
+    row["i8_trials"] = i8_trials
     return row, best["config"]
+
+
+def bench_8bit(batch, ctx, scale, key, base_ms, cfg_q, cfg_i8) -> dict:
+    """Both kernels over an 8-bit cache (keys and values), at their best 4-bit settings (no splits)."""
+    q, cache, _ = make_inputs(batch, ctx, key, bits=8, baseline=False)
+    nb = nbytes(q, *cache)
+    ours_in = [(q, *cache)] + [tuple(jnp.copy(a) for a in (q, *cache)) for _ in range(copies(nb) - 1)]
+    out = {"batch": batch, "context": ctx, "bits": 8, "bytes": nb, "baseline_ms": base_ms}
+    for name, kernel, cfg in (("q8", kda, cfg_q), ("i8", ki8, cfg_i8)):
+        cfg = {k: v for k, v in (cfg or {}).items() if k != "splits"}
+        try:
+            ms = timed(compressed_step(scale, cfg, kernel, bits=8), ours_in)
+            out.update({f"{name}_ms": ms, f"{name}_config": cfg, f"{name}_speedup": base_ms / ms})
+            print(f"    8-bit {name} {cfg}: {ms:.3f} ms ({base_ms / ms:.2f}x)", flush=True)
+        except Exception as e:
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"    8-bit {name}: {out[f'{name}_error']}", flush=True)
+    return out
 
 
 def bench_quantize() -> dict:
@@ -263,18 +328,29 @@ def main() -> None:
     result["copy_TBps"] = bw / 1e12
     print(f"{card}: elementwise copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     result["rows"] = []
-    best = None
+    best = best_i8 = None
     key = jax.random.key(0)
     for i, (batch, ctx) in enumerate(SHAPES):
         left = len(SHAPES) - i
+        # The first shape's sweeps (float kernel, then int8) end by 55% and 80% of the budget.
         deadline = t_start + args.budget * (0.55 if i == 0 else 1.0) - 8 * (left - 1)
+        deadline_i8 = t_start + args.budget * (0.8 if i == 0 else 1.0) - 8 * (left - 1) + 4
         print(f"batch {batch}, context {ctx}:", flush=True)
-        row, cfg = bench_shape(batch, ctx, scale, jax.random.fold_in(key, i), best, deadline)
+        row, cfg = bench_shape(batch, ctx, scale, jax.random.fold_in(key, i), best, deadline, best_i8, deadline_i8)
         best = best or {k: v for k, v in cfg.items() if k != "splits"}
+        if best_i8 is None and "i8_config" in row:
+            best_i8 = {k: v for k, v in row["i8_config"].items() if k != "splits"}
         result["rows"].append(row)
         save()
+        i8 = (f", int8 {row['i8_ms']:.3f} ms ({row['i8_TBps']:.2f} TB/s): {row['i8_speedup']:.2f}x"
+              if "i8_ms" in row else ", int8 kernel: no setting ran")
         print(f"  dot_product_attention fp16 {row['baseline_ms']:.3f} ms ({row['baseline_TBps']:.2f} TB/s), "
-              f"pallas 4-bit {row['q4_ms']:.3f} ms ({row['q4_TBps']:.2f} TB/s): {row['speedup']:.2f}x", flush=True)
+              f"pallas 4-bit {row['q4_ms']:.3f} ms ({row['q4_TBps']:.2f} TB/s): {row['speedup']:.2f}x{i8}", flush=True)
+        if i == 0:
+            print("  8-bit K and V:", flush=True)
+            result["rows_8bit"] = [bench_8bit(batch, ctx, scale, jax.random.fold_in(key, i), row["baseline_ms"],
+                                              best, best_i8)]
+            save()
     try:
         result["quantize_4bit_32k"] = bench_quantize()
     except Exception as e:
@@ -283,10 +359,16 @@ def main() -> None:
     result["seconds"] = time.time() - t_start
     save()
     print(f"\n{card}, jax {jax.__version__}, copy {bw / 1e12:.2f} TB/s")
-    print(f"{'batch':>5} {'context':>8} {'fp16 dpa ms':>12} {'4-bit ms':>9} {'speedup':>8} {'TB/s':>6}  config")
+    print(f"{'batch':>5} {'context':>8} {'fp16 dpa ms':>12} {'4-bit ms':>9} {'speedup':>8} {'TB/s':>6} "
+          f"{'int8 ms':>8} {'speedup':>8}  config / int8 config")
     for r in result["rows"]:
+        i8 = (f"{r['i8_ms']:>8.3f} {r['i8_speedup']:>7.2f}x" if "i8_ms" in r else f"{'-':>8} {'-':>8}")
         print(f"{r['batch']:>5} {r['context']:>8} {r['baseline_ms']:>12.3f} {r['q4_ms']:>9.3f} {r['speedup']:>7.2f}x "
-              f"{r['q4_TBps']:>6.2f}  {r['q4_config']}")
+              f"{r['q4_TBps']:>6.2f} {i8}  {r['q4_config']} / {r.get('i8_config')}")
+    for r in result.get("rows_8bit", []):
+        cols = [f"{name} {r[name + '_ms']:.3f} ms = {r[name + '_speedup']:.2f}x" for name in ("q8", "i8")
+                if name + "_ms" in r]
+        print(f"8-bit K/V, batch {r['batch']}, context {r['context']}: " + ", ".join(cols))
     print(f"quantize+pack 4-bit, 1 layer x 32K: {result['quantize_4bit_32k']}")
     print(f"wrote {path}")
 

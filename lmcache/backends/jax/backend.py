@@ -182,14 +182,13 @@ class JaxBackend(Backend):
         """
         if (want_scores is not False and want_scores is not None) or not self._fused_ok(q, view):
             return super().attend(q, view, scale, want_scores)
-        from .pallas import decode_attention as kda
-
         ops = self._ops
         qr = ops.rotate(q) if view.rotate_k else q
         parts = []
         for kb, vb in zip(view.k_blocks, view.v_blocks):
-            parts.append(kda.decode_attention(qr[:, :, 0], kb.codes, kb.scale, kb.lo, vb.codes, vb.scale, vb.lo,
-                                              k_bits=kb.spec.bits, v_bits=vb.spec.bits, scale=scale))
+            kern = self._kernel(q.shape[-1], kb, vb)
+            parts.append(kern.decode_attention(qr[:, :, 0], kb.codes, kb.scale, kb.lo, vb.codes, vb.scale, vb.lo,
+                                               k_bits=kb.spec.bits, v_bits=vb.spec.bits, scale=scale))
         if view.k_res is not None:
             o, lse = ops.masked_attention_lse(qr, view.k_res, view.v_res, scale, view.k_res.shape[2], offset=None)
             parts.append((o[:, :, 0], lse[:, :, 0]))
@@ -201,16 +200,20 @@ class JaxBackend(Backend):
     def _fused_ok(self, q, view: KVView) -> bool:
         if not self._pallas or q.shape[2] != 1 or not view.k_blocks:
             return False
-        from .pallas import decode_attention as kda
-
-        d = q.shape[-1]
         for kb, vb in zip(view.k_blocks, view.v_blocks):
             if not (isinstance(kb, QuantBlock) and isinstance(vb, QuantBlock)):
                 return False
-            if (kb.spec.axis, vb.spec.axis) != (-2, -1):  # the kernel's layout: the Cache's
+            if (kb.spec.axis, vb.spec.axis) != (-2, -1):  # the kernels' layout: the Cache's
                 return False
-            gk = kb.codes.shape[2] // kb.scale.shape[2]
-            gv = d // vb.scale.shape[3]
-            if not kda.kernel_supported(d, kb.spec.bits, vb.spec.bits, gk, gv):
+            if self._kernel(q.shape[-1], kb, vb) is None:
                 return False
         return True
+
+    @staticmethod
+    def _kernel(d: int, kb: QuantBlock, vb: QuantBlock):
+        """The Pallas decode kernel module for a (K, V) block pair (``decode_int8.fused_kernel``)."""
+        from .pallas import decode_int8
+
+        t = kb.codes.shape[2]
+        return decode_int8.fused_kernel(d, kb.spec.bits, vb.spec.bits, t // kb.scale.shape[2], d // vb.scale.shape[3],
+                                        t)

@@ -223,16 +223,20 @@ def _whole(state: KVState):
     return k, v
 
 
-def _use_kernel(state: KVState, use_kernel) -> bool:
-    if use_kernel is not None:
-        return bool(use_kernel)
-    if jax.default_backend() != "gpu":
-        return False
+def _kernel(state: KVState, use_kernel):
+    """The decode function for ``state``'s quantized part: a compiled Pallas kernel's
+    (``decode_int8.fused_kernel``) when ``use_kernel`` says so (``None``: on a GPU, where one
+    applies), else the jnp reference."""
     from .pallas import decode_attention as kda
+    from .pallas import decode_int8
 
-    d = state.k_res.shape[3]
-    return state.k_codes.shape[2] > 0 and kda.kernel_supported(d, state.bits, state.bits, state.group_size,
-                                                               state.value_group)
+    d, t = state.k_res.shape[3], state.k_codes.shape[2]
+    kern = decode_int8.fused_kernel(d, state.bits, state.bits, state.group_size, state.value_group, t) if t else None
+    if use_kernel is None:
+        use_kernel = jax.default_backend() == "gpu" and kern is not None
+    if not use_kernel:
+        return kda.decode_attention_reference
+    return (kern or kda).decode_attention
 
 
 def attend(state: KVState, q: jax.Array, scale: float | None = None, *, use_kernel: bool | None = None) -> jax.Array:
@@ -252,9 +256,7 @@ def attend(state: KVState, q: jax.Array, scale: float | None = None, *, use_kern
         scale = 1.0 / math.sqrt(d)
     scale = float(scale)
     if q.shape[2] == 1:
-        from .pallas import decode_attention as kda
-
-        fn = kda.decode_attention if _use_kernel(state, use_kernel) else kda.decode_attention_reference
+        fn = _kernel(state, use_kernel)
         parts = []
         if state.k_codes.shape[2]:
             parts.append(fn(q[:, :, 0], state.k_codes, state.k_scale, state.k_lo, state.v_codes, state.v_scale,

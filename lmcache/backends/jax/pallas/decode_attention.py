@@ -235,10 +235,10 @@ def kernel_supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_gr
             and is_pow2(head_dim * v_bits // c) and is_pow2(v_group * v_bits // c))
 
 
-def choose_splits(batch: int, q_heads: int, groups: int, gps: int = 1) -> int:
-    """Token slices per (batch, head): enough programs to fill the GPU, dividing ``groups // gps``."""
+def choose_splits(batch: int, q_heads: int, groups: int, gps: int = 1, target: int = TARGET_PROGRAMS) -> int:
+    """Token slices per (batch, head): about ``target`` programs in all, dividing ``groups // gps``."""
     steps = groups // gps
-    want = max(1, math.ceil(TARGET_PROGRAMS / max(1, batch * q_heads)))
+    want = max(1, math.ceil(target / max(1, batch * q_heads)))
     best = 1
     for s in range(1, min(steps, want) + 1):
         if steps % s == 0:
@@ -352,6 +352,15 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
         interpret=interpret, compiler_params=compiler_params(interpret, num_warps, num_stages),
         name="lmcache_decode_attention",
     )(length, *q_args, k_codes, v_codes, v_scale, v_lo)
+    return merge_splits(o, ml, d)
+
+
+def merge_splits(o, ml, d: int):
+    """Log-sum-exp merge of a kernel's token slices: ``o`` float32 ``[B, Hq, S, pv, wv]``, slice
+    ``s``'s unnormalized output by phase (channel ``pv * i + j`` at ``[j, i]``), ``ml`` float32
+    ``[B, Hq, S, 2]`` its running max and sum of exponentials -> ``(out [B, Hq, d], lse [B, Hq])``
+    as ``decode_attention`` returns them."""
+    b, hq = o.shape[:2]
     m, den = ml[..., 0], ml[..., 1]
     # The barrier keeps XLA from fusing the max into the exponentials below (jax's own
     # decode kernel saw NaNs without it).
