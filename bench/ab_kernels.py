@@ -85,10 +85,12 @@ def configs_imma(bits: int) -> dict:
         return lambda: setattr(pkg, "decode_imma", mod)
 
     cfgs = {"old prefetch=1": (da.decode_attention, da.CONFIG, c(), swap(shim))}
-    for kops, pair, p in ((0, False, 128), (1, False, 128), (2, False, 128), (1, True, 128), (1, True, 64),
-                          (1, True, 32)):
+    for kops, pair, p in ((0, False, 128), (1, False, 128), (1, True, 96), (1, True, 80), (1, True, 64),
+                          (1, True, 48)):
         cfgs[f"new kops={kops} pair={int(pair)} pps={p}"] = (da.decode_attention, da.CONFIG, c(kops, pair, p),
                                                              swap(new))
+    cfgs["new kops=1 pair=1 pps=64, no second stream"] = (da.decode_attention, da.CONFIG,
+                                                         {**c(1, True, 64), "dense_side_tokens": 0}, swap(new))
     return cfgs
 
 

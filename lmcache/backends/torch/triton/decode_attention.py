@@ -884,12 +884,16 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
     side = _side_stream(q.device, b * sum(n for n, d in zip(lens, dense) if not d), any(dense))
-    base, pos = 0, 0
-    for (ks, vs), n, bn, ns in zip(segments, lens, bns, splits):
-        with torch.cuda.stream(side) if side is not None and not isinstance(ks, QuantBlock) else nullcontext():
-            _launch(q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)
+    launches, base, pos = [], 0, 0
+    for (ks, vs), n, bn, ns, dn in zip(segments, lens, bns, splits, dense):
+        launches.append((dn, (q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)))
         base += ns
         pos += n
+    if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
+        launches.sort(key=lambda x: not x[0])
+    for dn, args in launches:
+        with torch.cuda.stream(side) if side is not None and dn else nullcontext():
+            _launch(*args)
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
     return _finish(part, q)
