@@ -6,15 +6,17 @@ enter ``mma.sync.m16n8k32`` with no conversion to floating point. The other oper
 integer instead, in fixed point with 8-bit limbs in separate columns: the sums are exact int32,
 the limbs are weighted back in float32 once per tile (keys) or once per flush (values).
 
-One program: one query row (of ``M`` per KV head), one split, one warp, 32-token tiles. Lane
-``l``: ``g = l // 4``, ``t = l % 4`` (fragment layouts in ``ptx``).
+One program: one query row (of ``M`` per KV head), one split, one warp, 32-token tiles, one or
+(``PAIR``) two per loop step under one softmax step. Lane ``l``: ``g = l // 4``, ``t = l % 4``
+(fragment layouts in ``ptx``).
 
 * Keys: ``S = A B``, A the codes (16 tokens x 32 dimensions per k-step, two m-tiles, four
   k-steps), B the query times the key scale, ``round(q_d s_d 2**e)`` in three signed limbs
-  (columns 0-2), prepared per (row, key group) by ``_key_operands_kernel`` with ``2**-e`` and the
-  group's bias ``q . lo``. Lane ``(g, t)`` loads tokens ``4g .. 4g + 3``; the head dimensions are
-  permuted so its words are its A registers, and B takes the same permutation. Its score lanes
-  (``t = 0``) end with those four tokens' scores.
+  (columns 0-2), with ``2**-e`` and the group's bias ``q . lo``: made in the decode kernel from
+  the key scales (``_key_operands``, ``KOPS``), or per (row, key group) by
+  ``_key_operands_kernel`` into memory. Lane ``(g, t)`` loads tokens ``4g .. 4g + 3``; the head
+  dimensions are permuted so its words are its A registers, and B takes the same permutation.
+  Its score lanes (``t = 0``) end with those four tokens' scores.
 * Values: ``O = A B``, A the codes transposed (16 dimensions x 32 tokens per m-tile, eight
   m-tiles), B ``p * scale`` in fixed point (``x < 2**23``: a float add of ``2**23`` rounds it and
   leaves its three bytes as limbs; column ``3G + limb`` for value group ``G``). Lane ``(g, t)``
