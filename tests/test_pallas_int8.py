@@ -206,3 +206,12 @@ def test_fused_kernel_prefers_the_int8_kernel():
     assert pl_i8.fused_kernel(128, 2, 4, 64, 64, 4096) is pl_da
     assert pl_i8.fused_kernel(128, 2, 2, 64, 64, 4096) is pl_da
     assert pl_i8.fused_kernel(24, 2, 2, 8, 8, 64) is None
+
+
+def test_default_splits_keep_two_steps_per_slice():
+    """The int8 kernel's default slices: about TARGET_PROGRAMS programs, but never slices of one
+    loop step (batch 1 / 4K: 31 slices of two steps, not 62 of one); the float kernel's as before."""
+    assert pl_da.choose_splits(1, 40, 62, 1, pl_i8.TARGET_PROGRAMS, pl_i8.MIN_STEPS) == 31
+    assert pl_da.choose_splits(16, 40, 510, 1, pl_i8.TARGET_PROGRAMS, pl_i8.MIN_STEPS) == 10
+    assert pl_da.choose_splits(1, 40, 62) == 62
+    assert pl_da.choose_splits(1, 40, 1, 1, pl_i8.TARGET_PROGRAMS, pl_i8.MIN_STEPS) == 1

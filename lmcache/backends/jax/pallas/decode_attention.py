@@ -235,10 +235,12 @@ def kernel_supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_gr
             and is_pow2(head_dim * v_bits // c) and is_pow2(v_group * v_bits // c))
 
 
-def choose_splits(batch: int, q_heads: int, groups: int, gps: int = 1, target: int = TARGET_PROGRAMS) -> int:
-    """Token slices per (batch, head): about ``target`` programs in all, dividing ``groups // gps``."""
+def choose_splits(batch: int, q_heads: int, groups: int, gps: int = 1, target: int = TARGET_PROGRAMS,
+                  min_steps: int = 1) -> int:
+    """Token slices per (batch, head): about ``target`` programs in all, dividing ``groups // gps``,
+    each of at least ``min_steps`` loop steps (where there are that many)."""
     steps = groups // gps
-    want = max(1, math.ceil(target / max(1, batch * q_heads)))
+    want = max(1, min(math.ceil(target / max(1, batch * q_heads)), steps // max(1, min_steps)))
     best = 1
     for s in range(1, min(steps, want) + 1):
         if steps % s == 0:

@@ -100,10 +100,13 @@ _BIAS4 = -0x7F7F7F80  # 0x80808080 as int32 (sums wrap): 128 in each of four byt
 #: The codes entered the key dot shifted by -128 (4-bit: ``b - 128`` against ``X_o``, in a score 16
 #: times too large): the bias adds back ``128 sum X`` (``8 sum X_o``) times ``2**(e - 21)``.
 _SHIFT_BACK = {8: 128.0, 4: 8.0}
-#: Programs to aim for when choosing the token slices (``choose_splits``): on an H200 (jax 0.11.2,
-#: 2026-11-28) at batch 16 / 32K tokens, 4-bit, 6 slices (3840 programs) took 1.478 ms, 10 (6400)
-#: 1.424; at batch 1 / 128K 66 slices (2640) 0.439 ms, 31 0.454.
+#: Programs to aim for when choosing the token slices (``choose_splits``), each slice at least
+#: ``MIN_STEPS`` loop steps: on an H200 (jax 0.11.2, 2026-11-28), 4-bit, batch 16 / 32K tokens:
+#: 6 slices (3840 programs) 1.478 ms, 10 (6400) 1.424; batch 1 / 4K: 62 slices of one 64-token
+#: step 0.093 ms, 31 of two 0.062; batch 1 / 32K: 102 slices 0.149, 85 0.148; batch 1 / 128K:
+#: 93 slices 0.475, 66 0.439 (not what this picks: 93).
 TARGET_PROGRAMS = 6144
+MIN_STEPS = 2
 _EXP_CLAMP = 100  # exponents are clamped to +-this: 2**(21 -+ 100) and inverses stay normal floats
 
 
@@ -403,7 +406,7 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     if t % unit:
         raise ValueError(f"tile {tile} must divide the {t} tokens")
     if splits is None:
-        splits = choose_splits(b, hq, t // gk, unit // gk, TARGET_PROGRAMS)
+        splits = choose_splits(b, hq, t // gk, unit // gk, TARGET_PROGRAMS, MIN_STEPS)
     if not isinstance(splits, int) or splits < 1 or (t // unit) % splits:
         raise ValueError(f"splits must be a positive integer dividing {t // unit} (tokens / max(tile, key group)), "
                          f"got {splits!r}")
