@@ -8,6 +8,7 @@ backend tests on; ``LMCACHE_TEST_DEVICE`` (``cpu`` by default) the device.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -27,6 +28,32 @@ def require(module: str, why: str = ""):
         if REQUIRE_ALL:
             pytest.fail(msg + " and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
         pytest.skip(msg, allow_module_level=True)
+
+
+def need_jax_gpu() -> None:
+    """Skip the test unless jax sees a GPU (fail under LMCACHE_REQUIRE_ALL)."""
+    import jax
+
+    try:
+        gpu = any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        gpu = False
+    if not gpu:
+        if REQUIRE_ALL:
+            pytest.fail("no GPU visible to jax, and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
+        pytest.skip("no GPU visible to jax")
+
+
+def pallas_interpret_device(request, on_default_device=()):
+    """Where a Pallas test runs: the CPU device for interpret mode (on a GPU host the default device
+    would be XLA:GPU, whose float32 division is not correctly rounded, so exact-code checks would
+    differ), the default device for tests marked ``cuda`` and those named in ``on_default_device``
+    (lowering for CUDA asks for a GPU where there is one). A context manager."""
+    import jax
+
+    if request.node.get_closest_marker("cuda") is not None or request.node.name in on_default_device:
+        return contextlib.nullcontext()
+    return jax.default_device(jax.devices("cpu")[0])
 
 
 def test_backends() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REQUIRE_ALL, require
+from conftest import need_jax_gpu, require
 
 jax = require("jax")
 jnp = jax.numpy
@@ -128,10 +128,7 @@ def test_attend_before_any_token_is_zero():
 
 @pytest.mark.cuda
 def test_kernel_path_on_gpu_matches_the_jnp_path(rng):
-    if not any(d.platform == "gpu" for d in jax.devices()):
-        if REQUIRE_ALL:
-            pytest.fail("no GPU visible to jax, and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
-        pytest.skip("no GPU visible to jax")
+    need_jax_gpu()
     b, h, d = 2, 8, 128
     state = F.init_state(b, h, d, capacity=2048, bits=4, group_size=64, residual=128, dtype=jnp.bfloat16)
     prompt = jnp.asarray(rng.standard_normal((b, h, 1500, d)), jnp.bfloat16)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REQUIRE_ALL, require
+from conftest import need_jax_gpu, pallas_interpret_device, require
 
 from lmcache.backends.numpy import NumpyBackend
 from lmcache.quant import QuantSpec
@@ -24,25 +24,13 @@ NP = NumpyBackend()
 NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-def _gpu():
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
-
-
 # Lowering for CUDA asks for a GPU where there is one: these run on the default device.
 _ON_DEFAULT_DEVICE = {"test_kernel_lowers_to_triton_for_cuda"}
 
 
 @pytest.fixture(autouse=True)
 def _interpret_on_cpu(request):
-    """Interpret mode runs the kernel's logic through XLA on the CPU device (as in
-    test_pallas_kernels.py); tests marked ``cuda`` run the compiled kernel where it belongs."""
-    if request.node.get_closest_marker("cuda") is not None or request.node.name in _ON_DEFAULT_DEVICE:
-        yield
-        return
-    with jax.default_device(jax.devices("cpu")[0]):
+    with pallas_interpret_device(request, _ON_DEFAULT_DEVICE):
         yield
 
 
@@ -183,10 +171,7 @@ def test_kernel_lowers_to_triton_for_cuda():
 @pytest.mark.cuda
 @pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (8, 8), (4, 8)])
 def test_compiled_int8_kernel_on_gpu_matches_the_reference(rng, k_bits, v_bits):
-    if not _gpu():
-        if REQUIRE_ALL:
-            pytest.fail("no GPU visible to jax, and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
-        pytest.skip("no GPU visible to jax")
+    need_jax_gpu()
     b, h, t, d = 2, 4, 1024, 128
     args = _quantized(rng, b, h, t, d, k_bits, v_bits, 64, 64)
     q = jnp.asarray(rng.standard_normal((b, 2 * h, d)), jnp.float16)

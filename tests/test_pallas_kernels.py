@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REQUIRE_ALL, require
+from conftest import need_jax_gpu, pallas_interpret_device, require
 
 from lmcache.backends.numpy import NumpyBackend
 from lmcache.quant import QuantSpec
@@ -25,33 +25,13 @@ NP = NumpyBackend()
 NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-def _gpu():
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
-
-
-def _need_gpu():
-    if not _gpu():
-        if REQUIRE_ALL:
-            pytest.fail("no GPU visible to jax, and LMCACHE_REQUIRE_ALL=1 forbids skipping", pytrace=False)
-        pytest.skip("no GPU visible to jax")
-
-
 # Lowering for CUDA asks for a GPU where there is one: these run on the default device.
 _ON_DEFAULT_DEVICE = {"test_kernels_lower_to_triton_for_cuda"}
 
 
 @pytest.fixture(autouse=True)
 def _interpret_on_cpu(request):
-    """Interpret mode runs the kernels' logic through XLA on the default device; on a GPU host that
-    would be XLA:GPU, whose float32 division is not correctly rounded, so the exact-code checks
-    run on the CPU device. Tests marked ``cuda`` run the compiled kernels where they belong."""
-    if request.node.get_closest_marker("cuda") is not None or request.node.name in _ON_DEFAULT_DEVICE:
-        yield
-        return
-    with jax.default_device(jax.devices("cpu")[0]):
+    with pallas_interpret_device(request, _ON_DEFAULT_DEVICE):
         yield
 
 
@@ -189,7 +169,7 @@ def test_kernels_lower_to_triton_for_cuda():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_compiled_kernels_on_gpu_match_the_reference(rng, dtype):
-    _need_gpu()
+    need_jax_gpu()
     b, h, t, d = 2, 4, 1024, 128
     for bits in (2, 4, 8):
         for axis, group in ((-2, 64), (-1, 64)):
