@@ -320,7 +320,6 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
     qf = q.astype(jnp.float32) * scale
     kernel = functools.partial(_kernel, k_bits=k_bits, v_bits=v_bits, gk=gk, gv=gv, split_len=split, gps=gps,
                                prefetch=prefetch, prescale=prescale, container=container)
-    kv = lambda i, h, s: (i, h // rep, s, 0)
     if prescale:
         # Fold each key group's scales (and the 2**-pos of each code position) into the query
         # once, outside: [B, Hq, G, pk, wk], phase-major so the kernel reads it contiguously.
@@ -334,19 +333,11 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
                    pl.BlockSpec((None, None, gsplit), lambda i, h, s: (i, h, s))]
         q_args = (qk, qb)
     else:
-        qp = qf.reshape(b, hq, wk, pk).swapaxes(-1, -2)
-        q_specs = [pl.BlockSpec((None, None, pk, wk), lambda i, h, s: (i, h, 0, 0)),
-                   pl.BlockSpec((None, None, split // gk, d), kv),
-                   pl.BlockSpec((None, None, split // gk, d), kv)]
-        q_args = (qp, k_scale, k_lo)
+        q_specs, q_args = query_specs(qf, k_scale, k_lo, pk, split // gk)
     o, ml = pl.pallas_call(
         kernel,
         grid=(b, hq, splits),
-        in_specs=[pl.BlockSpec((), lambda i, h, s: ()), *q_specs,
-                  pl.BlockSpec((None, None, split, wk), kv),
-                  pl.BlockSpec((None, None, split, wv), kv),
-                  pl.BlockSpec((None, None, split, nvg), kv),
-                  pl.BlockSpec((None, None, split, nvg), kv)],
+        in_specs=[pl.BlockSpec((), lambda i, h, s: ()), *q_specs, *cache_specs(rep, split, wk, wv, nvg)],
         out_specs=[pl.BlockSpec((None, None, None, pv, wv), lambda i, h, s: (i, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, 2), lambda i, h, s: (i, h, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, hq, splits, pv, wv), jnp.float32),
@@ -355,6 +346,29 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
         name="lmcache_decode_attention",
     )(length, *q_args, k_codes, v_codes, v_scale, v_lo)
     return merge_splits(o, ml, d)
+
+
+def query_specs(qf, k_scale, k_lo, pk: int, gsplit: int):
+    """A decode kernel's query inputs when the key scales are applied in the kernel, over the grid
+    (batch, query head, slice): ``qf`` float32 ``[B, Hq, D]`` by phase (``[pk, D/pk]``, phase ``j``
+    holding channels ``pk*i + j``) and each slice's ``gsplit`` key groups of scales and offsets
+    ``[B, Hkv, G, D]`` from query head ``h``'s KV head. Returns ``(BlockSpecs, arrays)``."""
+    b, hq, d = qf.shape
+    rep = hq // k_scale.shape[1]
+    kv = lambda i, h, s: (i, h // rep, s, 0)
+    qp = qf.reshape(b, hq, d // pk, pk).swapaxes(-1, -2)
+    return ([pl.BlockSpec((None, None, pk, d // pk), lambda i, h, s: (i, h, 0, 0)),
+             pl.BlockSpec((None, None, gsplit, d), kv), pl.BlockSpec((None, None, gsplit, d), kv)],
+            (qp, k_scale, k_lo))
+
+
+def cache_specs(rep: int, split: int, wk: int, wv: int, nvg: int) -> list:
+    """BlockSpecs of a decode kernel's cache inputs over the grid (batch, query head, slice), from
+    query head ``h``'s KV head ``h // rep``: one slice of ``split`` tokens of packed keys ``[split,
+    wk]``, packed values ``[split, wv]``, value scales and offsets ``[split, nvg]``."""
+    kv = lambda i, h, s: (i, h // rep, s, 0)
+    return [pl.BlockSpec((None, None, split, wk), kv), pl.BlockSpec((None, None, split, wv), kv),
+            pl.BlockSpec((None, None, split, nvg), kv), pl.BlockSpec((None, None, split, nvg), kv)]
 
 
 def merge_splits(o, ml, d: int):

@@ -72,7 +72,15 @@ from jax.experimental import pallas as pl
 from .. import ops
 from . import decode_attention as float_kernel
 from .common import compiler_params, is_pow2
-from .decode_attention import RESCALE_MARGIN, _validate, choose_splits, decode_attention_reference, merge_splits
+from .decode_attention import (
+    RESCALE_MARGIN,
+    _validate,
+    cache_specs,
+    choose_splits,
+    decode_attention_reference,
+    merge_splits,
+    query_specs,
+)
 
 __all__ = ["decode_attention", "decode_attention_reference", "kernel_supported", "choose_splits", "default_tile",
            "key_operands", "fused_kernel", "BITS", "TARGET_PROGRAMS"]
@@ -461,7 +469,6 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
     qf = q.astype(jnp.float32) * scale
     kernel = functools.partial(_kernel, k_bits=k_bits, v_bits=v_bits, gk=gk, split_len=split, tile=tile,
                                prepass=prepass)
-    kv = lambda i, h, s: (i, h // rep, s, 0)
     if prepass:
         u, w, bias = key_operands(qf, k_scale, k_lo, k_bits=k_bits)
         q_specs = [pl.BlockSpec((None, None, gsplit, pk, wk), lambda i, h, s: (i, h, s, 0, 0)),
@@ -469,19 +476,11 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
                    pl.BlockSpec((None, None, gsplit), lambda i, h, s: (i, h, s))]
         q_args = (u, w, bias)
     else:
-        qp = qf.reshape(b, hq, wk, pk).swapaxes(-1, -2)  # phase j: channels pk*i + j
-        q_specs = [pl.BlockSpec((None, None, pk, wk), lambda i, h, s: (i, h, 0, 0)),
-                   pl.BlockSpec((None, None, gsplit, d), kv),
-                   pl.BlockSpec((None, None, gsplit, d), kv)]
-        q_args = (qp, k_scale, k_lo)
+        q_specs, q_args = query_specs(qf, k_scale, k_lo, pk, gsplit)
     o, vb, ml = pl.pallas_call(
         kernel,
         grid=(b, hq, splits),
-        in_specs=[pl.BlockSpec((), lambda i, h, s: ()), *q_specs,
-                  pl.BlockSpec((None, None, split, wk), kv),
-                  pl.BlockSpec((None, None, split, wv), kv),
-                  pl.BlockSpec((None, None, split, nvg), kv),
-                  pl.BlockSpec((None, None, split, nvg), kv)],
+        in_specs=[pl.BlockSpec((), lambda i, h, s: ()), *q_specs, *cache_specs(rep, split, wk, wv, nvg)],
         out_specs=[pl.BlockSpec((None, None, None, pv, wv, nv), lambda i, h, s: (i, h, s, 0, 0, 0)),
                    pl.BlockSpec((None, None, None, 2, nvg), lambda i, h, s: (i, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, 2), lambda i, h, s: (i, h, s, 0))],
