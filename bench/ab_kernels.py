@@ -60,37 +60,35 @@ def configs_rows(bits: int) -> dict:
 
 
 def configs_imma(bits: int) -> dict:
-    """decode_imma old (load schedule 1) and new: schedule 1 with the key-operand kernel, key operands
-    made in the decode kernel (``CONFIG["imma_key_operands"]`` 1 and 2), two tiles per loop step
-    (``CONFIG["imma_pair"]``), at several programs-per-SM settings."""
+    """decode_imma of an earlier revision (``_old_decode_imma``, if written) against the working
+    tree's kernel at 64 programs per SM with the L2 bulk prefetch (``CONFIG["imma_l2_ahead"]``)
+    0-4 steps ahead."""
     import types
 
     import lmcache.backends.torch.triton as pkg
-    from lmcache.backends.torch.triton import _old_decode_imma as old
     from lmcache.backends.torch.triton import decode_attention as da
 
     new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
-    # the old launch takes none of the settings added since: drop what the new decode_attention passes
-    n_old = len(inspect.signature(old.launch).parameters)
-    shim = types.SimpleNamespace(supported=old.supported, launch=lambda *a: old.launch(*a[:n_old]))
 
-    def c(kops=0, pair=False, pps=None):
-        return {"imma": True, "imma_prefetch": {**da.CONFIG["imma_prefetch"], bits: 1},
-                "imma_key_operands": {**da.CONFIG["imma_key_operands"], bits: kops},
-                "imma_pair": {**da.CONFIG["imma_pair"], bits: pair},
+    def c(l2=0, pps=None):
+        return {"imma": True, "imma_l2_ahead": {**da.CONFIG["imma_l2_ahead"], bits: l2},
                 "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
 
     def swap(mod):
         # decode_attention imports decode_imma from the package at each call: swap the module in
         return lambda: setattr(pkg, "decode_imma", mod)
 
-    cfgs = {"old prefetch=1": (da.decode_attention, da.CONFIG, c(), swap(shim))}
-    for kops, pair, p in ((0, False, 128), (1, False, 128), (1, True, 96), (1, True, 80), (1, True, 64),
-                          (1, True, 48)):
-        cfgs[f"new kops={kops} pair={int(pair)} pps={p}"] = (da.decode_attention, da.CONFIG, c(kops, pair, p),
-                                                             swap(new))
-    cfgs["new kops=1 pair=1 pps=64, no second stream"] = (da.decode_attention, da.CONFIG,
-                                                         {**c(1, True, 64), "dense_side_tokens": 0}, swap(new))
+    cfgs = {}
+    try:
+        from lmcache.backends.torch.triton import _old_decode_imma as old
+    except ImportError:
+        pass
+    else:  # the old launch takes none of the settings added since: drop what the new decode_attention passes
+        n_old = len(inspect.signature(old.launch).parameters)
+        shim = types.SimpleNamespace(supported=old.supported, launch=lambda *a: old.launch(*a[:n_old]))
+        cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
+    for l2 in (0, 1, 2, 4):
+        cfgs[f"new l2_ahead={l2}"] = (da.decode_attention, da.CONFIG, c(l2, 64), swap(new))
     return cfgs
 
 

@@ -12,7 +12,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/gpu.txt
 for what in "${@:-decode}"; do
   case "$what" in
-    tests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,torch timeout 300 python3 -m pytest -q -x \
+    tests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,torch timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x \
              tests/test_triton_kernels.py tests/test_paged.py -k "${TEST_K:-qrows or long_sequence or paged}" \
              2>&1 | tail -25 | tee $OUT/tests.log ;;
     jaxtests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,jax timeout 150 python3 -m pytest -q -x \

@@ -154,11 +154,12 @@ def test_pages_move_between_tiers(rng):
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kops,pair", [(0, False), (2, False), (1, True)])
-def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair):
+@pytest.mark.parametrize("kops,pair,l2", [(0, False, 0), (2, False, 0), (1, True, 0), (1, True, 1)])
+def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair, l2):
     """The integer matrix-unit kernel through a block table (head dim 128, pages of 64 tokens,
     a shared first page), with its key operands from the key-operand kernel (0) or made in the
-    decode kernel (1, 2), one or two tiles per loop step."""
+    decode kernel (1, 2), one or two tiles per loop step, with the L2 bulk prefetch of the next
+    step's tiles through the block table (``l2``)."""
     if not KERNEL:
         pytest.skip("the kernel needs a GPU or TRITON_INTERPRET=1")
     require("triton")
@@ -167,7 +168,7 @@ def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair):
 
     for key, value in {"rows_max": 1 << 20, "imma": True, "imma_key_operands": {4: kops, 8: kops},
                        "imma_pair": {4: pair, 8: pair}, "programs_per_sm": 1,
-                       "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
+                       "imma_l2_ahead": {4: l2, 8: l2}, "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
         monkeypatch.setitem(da.CONFIG, key, value)
     calls = []
     launch = decode_imma.launch

@@ -320,15 +320,18 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
                                rtol=TOL[torch.float16])
 
 
-@pytest.mark.parametrize("kops,pair", [(0, False), (1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("kops,pair,l2", [(0, False, 0), (1, False, 0), (2, False, 0), (1, True, 0), (1, True, 2)])
 @pytest.mark.parametrize("kbits,vbits,g,pps", [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)])
-def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, kbits, vbits, g, pps):
+def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, l2, kbits, vbits, g, pps):
     """Key B registers from the key-operand kernel (0) or made in the decode kernel
     (``CONFIG["imma_key_operands"]``: every step, once per key group), one tile per loop step or
     two (``CONFIG["imma_pair"]``; key groups of 32 fall back to one): one split per sequence
     (``pps`` 1: group boundaries inside the loop) or several (5: splits that start inside a key
-    group, and with pairs splits of an odd number of tiles, made even, so that some are empty)."""
+    group, and with pairs splits of an odd number of tiles, made even, so that some are empty);
+    with and without the L2 bulk prefetch two steps ahead (``CONFIG["imma_l2_ahead"]``, past the
+    split's and the sequence's end too)."""
     calls = _imma_calls(monkeypatch)
+    monkeypatch.setitem(da.CONFIG, "imma_l2_ahead", {4: l2, 8: l2})
     monkeypatch.setitem(da.CONFIG, "imma_key_operands", {4: kops, 8: kops})
     monkeypatch.setitem(da.CONFIG, "imma_pair", {4: pair, 8: pair})
     monkeypatch.setitem(da.CONFIG, "programs_per_sm", pps)

@@ -111,6 +111,12 @@ CONFIG = {
     # step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were slower
     # (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills).
     "imma_pair": {4: True, 8: True},
+    # decode_imma on sm_90: the tiles of the loop step this many steps ahead brought into L2 by
+    # one bulk prefetch per tile and side (0: none). One H200, one process, three runs: 4-bit
+    # 0.811 / 0.811 / 0.818 ms at 1 against 0.820 / 0.819 / 0.832 at 0; 2: 0.839, 4: 1.07 (what is
+    # fetched early is evicted before it is read). 8-bit: 1.378 / 1.390 at 1 against 1.355 / 1.383.
+    # The evict-first hint or .cg on the loads made it slower (bench/results/decode_imma-ab-*).
+    "imma_l2_ahead": {4: 1, 8: 0},
     # Quantized tokens (summed over the batch) from which the dense segments of a decode call run on
     # a second stream, beside the quantized ones (0: never).
     "dense_side_tokens": 1 << 17,
@@ -799,7 +805,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
                            (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][wide],
                            CONFIG["imma_operand_groups"],
                            CONFIG["imma_key_operands"][wide] if CONFIG["imma_prefetch"][wide] == 1 else 0,
-                           CONFIG["imma_pair"][wide])
+                           CONFIG["imma_pair"][wide], CONFIG["imma_l2_ahead"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

@@ -267,6 +267,26 @@ def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tb
 
 
 @triton.jit
+def _l2_tiles(tile, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+              svs_b, svs_h, N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SCONTIG: tl.constexpr):
+    """Ask for the key words, value words and (``SCONTIG``) value scales of the ``N`` tiles from
+    ``tile`` on to be brought into L2 (``ptx.l2_bulk``, lane 0); none from ``end`` on. Rows of codes
+    are contiguous along the tokens (``launch`` checks it)."""
+    lane = tl.arange(0, 32)
+    zero = tl.zeros([32], tl.int64)
+    for i in tl.static_range(N):
+        n0 = (tile + i) * 32
+        on = ((lane == 0) & (n0 < end)).to(tl.int32)
+        loc, k_base, _, v_base, vs_base = _tile_bases(tl.minimum(n0, tl.maximum(end - 32, 0)), b, h, tbl_ptr,
+                                                      stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b, svs_h,
+                                                      PAGED, PAGE)
+        ptx.l2_bulk(on, (kc_ptr + k_base + loc * skc_t).to(tl.int64, bitcast=True) + zero, 128 * skc_t + 0 * lane)
+        ptx.l2_bulk(on, (vc_ptr + v_base + loc * svc_t).to(tl.int64, bitcast=True) + zero, 128 * svc_t + 0 * lane)
+        if SCONTIG:
+            ptx.l2_bulk(on, (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero, 128 + 0 * lane)
+
+
+@triton.jit
 def _pick_group(x0, x1, grp):
     """Value group ``grp`` [32, 1] of four tokens' (group 0, group 1) pairs, [32, 8] for Q = 0
     (``x0``) and 1 (``x1``): [32, 4 (i), 2 (Q)]."""
@@ -455,7 +475,7 @@ def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr
                    T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
                    PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr, KOPS: tl.constexpr,
-                   PAIR: tl.constexpr):
+                   PAIR: tl.constexpr, L2AHEAD: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -553,7 +573,15 @@ def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr
         v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
             t_lo, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t, svs_b,
             svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+    # L2AHEAD: the tiles of the step that many steps ahead are brought into L2 by the TMA unit
+    # while this one is loaded into registers: more bytes on their way than registers hold
+    for a in tl.static_range(1, L2AHEAD):
+        _l2_tiles(t_lo + a * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b,
+                  svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
     for tile in range(t_lo, t_hi, STEP):
+        if L2AHEAD:
+            _l2_tiles(tile + L2AHEAD * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                      svc_b, svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
         if PREFETCH == 0:
             kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
                                                              kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
@@ -629,7 +657,8 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           prefetch: int = 0, operand_groups: int = 16, key_operands: int = 0, pair: bool = False) -> None:
+           prefetch: int = 0, operand_groups: int = 16, key_operands: int = 0, pair: bool = False,
+           l2_ahead: int = 0) -> None:
     """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
@@ -641,7 +670,9 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     ``key_operands``: 0, the key B registers from the key-operand kernel; 1 or 2, made in the decode
     kernel (every step, or once per key group), with load schedule 1 only; ``pair``: two tiles per
     loop step (with ``key_operands`` 1 and key groups of 64 or more; splits of an odd number of
-    tiles grow by one, so the last splits may be empty).
+    tiles grow by one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the
+    loop step that many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous
+    along the tokens and 16-byte aligned).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -658,8 +689,22 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
         _key_operands_kernel[(rows, triton.cdiv(g, operand_groups))](
             q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
             GPP=operand_groups, num_warps=1)
+    l2_ahead = l2_ahead if _l2_ready(kside, vside) else 0
     _decode_kernel[(rows, n_splits)](
         bk, eb, q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
         T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, KOPS=key_operands, PAIR=pair, num_warps=1,
-        num_stages=1)
+        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, KOPS=key_operands, PAIR=pair, L2AHEAD=l2_ahead,
+        num_warps=1, num_stages=1)
+
+
+def _l2_ready(kside: tuple, vside: tuple) -> bool:
+    """Whether ``_l2_tiles`` can take these sides: an sm_90 device (the bulk prefetch), each token's
+    code row right after the previous one, rows and value scales 16-byte aligned."""
+    kc, vc, vs = kside[0], vside[0], vside[2]
+    if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(kc.device)[0] < 9:
+        return False
+    ok = all(x.data_ptr() % 16 == 0 for x in (kc, vc, vs))
+    for codes, (sb, sh, st) in ((kc, kside[3]), (vc, vside[3])):
+        ok &= st == codes.shape[-1] and codes.stride(-1) == 1 and (sb * 4) % 16 == 0 and (sh * 4) % 16 == 0
+    sb, sh, st = vside[4]
+    return ok and (st != 2 or ((sb * vs.element_size()) % 16 == 0 and (sh * vs.element_size()) % 16 == 0))

@@ -48,6 +48,10 @@ _KEY_B = tl.constexpr("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .
                                 f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
                                 f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
                       + "}")
+# One lane asks the TMA unit to bring a whole tile into L2 ahead of its loads (sm_90): costs no
+# registers and no load slots of the multiprocessor, unlike prefetch.global.L2 per lane
+_L2_BULK = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p cp.async.bulk.prefetch.L2.global [$2], $3;\n"
+                        " mov.b32 $0, 0; }")
 _C_KEY_B = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 3))
 _C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
 _C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
@@ -118,6 +122,14 @@ def key_b(w0, w1, w2):
 
 # ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
 
+@triton.jit
+def l2_bulk(on, addr, nbytes):
+    """Prefetch ``nbytes`` (a multiple of 16) from ``addr`` (int64, 16-byte aligned) into L2 where
+    ``on`` (int32) is nonzero; [32] tensors, one element per lane. Returns a dummy int32."""
+    return tl.inline_asm_elementwise(_L2_BULK, "=r,r,l,r", [on, addr, nbytes], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
 def _bytes(regs: np.ndarray) -> np.ndarray:
     """int32 [..., r] -> uint8 [..., r, 4], byte 0 the least significant."""
     return np.ascontiguousarray(regs).astype("<i4").view(np.uint8).reshape(*regs.shape, 4)
@@ -184,6 +196,10 @@ def _emu_gather(x0, x1, x2, x3, sel):
     return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
 
 
+def _emu_l2_bulk(on, addr, nbytes):
+    return [np.zeros_like(on)]
+
+
 def _emu_key_b(w0, w1, w2):
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
@@ -192,7 +208,7 @@ def _emu_key_b(w0, w1, w2):
             for r in range(8)]
 
 
-_EMULATIONS = {_KEY_B.value: _emu_key_b, _MMA_KEYS.value: _emu_mma_keys,
+_EMULATIONS = {_KEY_B.value: _emu_key_b, _L2_BULK.value: _emu_l2_bulk, _MMA_KEYS.value: _emu_mma_keys,
                _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
                _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather}
 
