@@ -61,8 +61,8 @@ def configs_rows(bits: int) -> dict:
 
 def configs_imma(bits: int) -> dict:
     """decode_imma of an earlier revision (``_old_decode_imma``, if written) against the working
-    tree's kernel at 64 programs per SM with the L2 bulk prefetch (``CONFIG["imma_l2_ahead"]``)
-    0-4 steps ahead."""
+    tree's kernel without and with the L2 bulk prefetch (``CONFIG["imma_l2_ahead"]``), the latter at
+    several programs per SM (224 registers at 4-bit: 9 warps resident per SM, not 8)."""
     import types
 
     import lmcache.backends.torch.triton as pkg
@@ -87,8 +87,8 @@ def configs_imma(bits: int) -> dict:
         n_old = len(inspect.signature(old.launch).parameters)
         shim = types.SimpleNamespace(supported=old.supported, launch=lambda *a: old.launch(*a[:n_old]))
         cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
-    for l2 in (0, 1, 2, 4):
-        cfgs[f"new l2_ahead={l2}"] = (da.decode_attention, da.CONFIG, c(l2, 64), swap(new))
+    for l2, p in ((0, 64), (1, 64), (1, 54), (1, 63), (1, 72), (1, 81), (1, 90)):
+        cfgs[f"new l2_ahead={l2} pps={p}"] = (da.decode_attention, da.CONFIG, c(l2, p), swap(new))
     return cfgs
 
 
