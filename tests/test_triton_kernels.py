@@ -345,6 +345,28 @@ def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, l2, kbits, vb
                                rtol=TOL[torch.float16])
 
 
+@pytest.mark.parametrize("kbits,vbits", [(4, 4), (8, 4)])
+def test_imma_value_scales_strided(rng, monkeypatch, kbits, vbits):
+    """Value scales and offsets whose tokens are not adjacent (a [B, T, H, groups] buffer seen as
+    [B, H, T, groups]): the kernel's per-token scale loads (not the 16-byte ones), and the L2
+    prefetch of the other sides without them."""
+    calls = _imma_calls(monkeypatch)
+    segs = _cache(rng, 2, 3, 64 * (3 if DEVICE == "cpu" else 13), 5, 128, kbits, vbits, 64, torch.float16, gv=64)
+    (kq, vq), res = segs
+
+    def heads_inner(x):  # same values, token stride = heads * groups
+        return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+    vq = QuantBlock(vq.codes, heads_inner(vq.scale), heads_inner(vq.lo), vq.spec)
+    assert vq.scale.stride(2) != vq.scale.shape[-1]
+    segs = [(kq, vq), res]
+    q = torch.from_numpy(rng.standard_normal((2, 9, 1, 128)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert calls == [(kbits, vbits)]
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
+                               rtol=TOL[torch.float16])
+
+
 @pytest.mark.parametrize("flush_tiles,prefetch", [(1024, 0), (1024, 1), (1024, 2), (2, 0), (2, 2)])
 def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, prefetch):
     """Scores that climb along the sequence (the softmax reference moves and the integer value

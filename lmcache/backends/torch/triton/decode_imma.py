@@ -261,8 +261,8 @@ def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tb
     else:
         ts = tv[:, :, None] + tl.arange(0, 4)[None, :, None] + 16 * tl.arange(0, 2)[None, None, :]
         vs_off = vs_base + (loc + ts) * svs_t
-        sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok, other=0.0)
-        lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok, other=0.0)
+        sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok[:, :, None], other=0.0)
+        lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok[:, :, None], other=0.0)
     return v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
 
 
