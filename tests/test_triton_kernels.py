@@ -345,22 +345,39 @@ def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, l2, kbits, vb
                                rtol=TOL[torch.float16])
 
 
-@pytest.mark.parametrize("kbits,vbits", [(4, 4), (8, 4)])
-def test_imma_value_scales_strided(rng, monkeypatch, kbits, vbits):
-    """Value scales and offsets whose tokens are not adjacent (a [B, T, H, groups] buffer seen as
-    [B, H, T, groups]): the kernel's per-token scale loads (not the 16-byte ones), and the L2
-    prefetch of the other sides without them."""
-    calls = _imma_calls(monkeypatch)
-    segs = _cache(rng, 2, 3, 64 * (3 if DEVICE == "cpu" else 13), 5, 128, kbits, vbits, 64, torch.float16, gv=64)
-    (kq, vq), res = segs
-
-    def heads_inner(x):  # same values, token stride = heads * groups
+def _in_bigger_buffer(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` [B, H, T, n], same values, as a view of a larger buffer: ``capacity`` (more tokens
+    allocated than held), ``token_major`` ([B, T, H, n] seen as [B, H, T, n]), ``every_other_head``."""
+    b, h, t, n = x.shape
+    if layout == "capacity":
+        buf = torch.zeros((b, h, t + 64, n), dtype=x.dtype, device=x.device)
+        buf[:, :, :t] = x
+        return buf[:, :, :t]
+    if layout == "token_major":
         return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    buf = torch.zeros((b, 2 * h, t, n), dtype=x.dtype, device=x.device)
+    buf[:, ::2] = x
+    return buf[:, ::2]
 
-    vq = QuantBlock(vq.codes, heads_inner(vq.scale), heads_inner(vq.lo), vq.spec)
-    assert vq.scale.stride(2) != vq.scale.shape[-1]
-    segs = [(kq, vq), res]
-    q = torch.from_numpy(rng.standard_normal((2, 9, 1, 128)).astype(np.float32)).half().to(DEVICE)
+
+@pytest.mark.parametrize("layout", ["capacity", "token_major", "every_other_head"])
+@pytest.mark.parametrize("which,kbits,vbits", [("codes", 4, 4), ("scales", 4, 4), ("both", 8, 8), ("both", 8, 4)])
+def test_imma_strided_layouts(rng, monkeypatch, layout, which, kbits, vbits):
+    """Codes and/or scales and offsets as views of larger buffers (a cache with spare capacity,
+    token-major storage, every other head): strides the kernel must follow, the value scales'
+    per-token loads when their tokens are not adjacent, the L2 prefetch off where code rows are not
+    contiguous along the tokens."""
+    calls = _imma_calls(monkeypatch)
+    segs = _cache(rng, 2, 2, 64 * (2 if DEVICE == "cpu" else 13), 5, 128, kbits, vbits, 64, torch.float16, gv=64)
+
+    def relaid(x: QuantBlock) -> QuantBlock:
+        c = _in_bigger_buffer(x.codes, layout) if which in ("codes", "both") else x.codes
+        s, lo = ((_in_bigger_buffer(x.scale, layout), _in_bigger_buffer(x.lo, layout)) if which in ("scales", "both")
+                 else (x.scale, x.lo))
+        return QuantBlock(c, s, lo, x.spec)
+
+    segs = [(relaid(segs[0][0]), relaid(segs[0][1])), segs[1]]
+    q = torch.from_numpy(rng.standard_normal((2, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert calls == [(kbits, vbits)]
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
