@@ -83,9 +83,17 @@ def configs_imma(bits: int) -> dict:
         from lmcache.backends.torch.triton import _old_decode_imma as old
     except ImportError:
         pass
-    else:  # the old launch takes none of the settings added since: drop what the new decode_attention passes
-        n_old = len(inspect.signature(old.launch).parameters)
-        shim = types.SimpleNamespace(supported=old.supported, launch=lambda *a: old.launch(*a[:n_old]))
+    else:
+        # decode_attention passes the segment (16 arguments through the block table), then pair and
+        # l2_ahead: the old launch gets those it takes by name, and earlier revisions' load schedule
+        # and key operands as their defaults were (1, 1)
+        known = inspect.signature(old.launch).parameters
+
+        def old_launch(*a):
+            kw = {"prefetch": 1, "key_operands": 1, "pair": a[16], "l2_ahead": a[17]}
+            return old.launch(*a[:16], **{k: v for k, v in kw.items() if k in known})
+
+        shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
         cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
     for l2, p in ((0, 64), (1, 64), (1, 54), (1, 63), (1, 72), (1, 81), (1, 90)):
         cfgs[f"new l2_ahead={l2} pps={p}"] = (da.decode_attention, da.CONFIG, c(l2, p), swap(new))

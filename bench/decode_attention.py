@@ -41,7 +41,7 @@ ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
 # decode_imma settings the sweep tries beyond the defaults, shared by 4- and 8-bit
 SHARED = {"dense_min_tiles": (1, 2), "dense_side_tokens": (0,)}
 # decode_imma settings per width: the sweep's name -> the CONFIG entry ({bits: value})
-IMMA_PER_BITS = {"prefetch": "imma_prefetch", "key_operands": "imma_key_operands", "pair": "imma_pair"}
+IMMA_PER_BITS = {"pair": "imma_pair", "l2_ahead": "imma_l2_ahead"}
 
 
 _FLUSH = {}
@@ -141,15 +141,13 @@ def sweep(caches, q, scale) -> dict:
     """Try launch settings of the quantized-segment row kernel on the batch-16 / 32K case; keep the best.
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
-    runs with its load schedules (a tile's loads at the top of its iteration, or its key loads an
-    iteration ahead), its key operands from the key-operand kernel or made in the decode kernel
-    (every step, once per key group) and two tiles per step at three programs-per-SM settings;
-    then with the other values of ``SHARED`` (splits of the float16 residual, no second stream
-    for it). Without it, 4-bit caches use ``CONFIG["qrows"]`` (its "mma" entry: the float16
-    matrix-unit kernel of ``decode_mma``), caches with 8-bit codes ``CONFIG["qrows8"]``: each is
-    tried at several tile sizes, warps and prefetch settings, then programs per SM (shared, chosen
-    on 4-bit). The older row kernel runs once on each, for reference. The integer kernel is kept
-    if it is the fastest at both widths.
+    runs with one or two tiles per loop step, without and with the L2 bulk prefetch of the next
+    step's tiles, at three programs-per-SM settings; then with the other values of ``SHARED``
+    (splits of the float16 residual, no second stream for it). Without it, 4-bit caches use
+    ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of ``decode_mma``), caches
+    with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile sizes, warps and prefetch
+    settings, then programs per SM (shared, chosen on 4-bit). The older row kernel runs once on
+    each, for reference. The integer kernel is kept if it is the fastest at both widths.
     """
     trials = []
     use_imma = da.CONFIG["imma"]
@@ -198,12 +196,12 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        # (load schedule, key operands, tile pairs, programs per SM): the schedules and key-operand
-        # sources at 128 programs per SM, tile pairs (fewer, longer programs) at three
-        grid = [(0, 0, False, 128), (1, 0, False, 128), (1, 1, False, 128), (1, 2, False, 128), (1, 1, True, 32),
-                (1, 1, True, 64), (1, 1, True, 128)] if DEV == "cuda" else [(1, 1, True, 64)]
-        imma = {bits: min((trial(bits, "imma", {"prefetch": pf, "key_operands": kops, "pair": pair}, pps=pps)
-                           for pf, kops, pair, pps in grid), key=lambda t: t["ms"]) for bits in (4, 8)}
+        # (tile pairs, L2 prefetch steps ahead, programs per SM): one tile per step at 128 programs
+        # per SM, tile pairs (fewer, longer programs) at three
+        grid = [(False, 0, 128), (True, 0, 64), (True, 1, 32), (True, 1, 64), (True, 1, 128)] if DEV == "cuda" \
+            else [(True, 1, 64)]
+        imma = {bits: min((trial(bits, "imma", {"pair": pair, "l2_ahead": l2}, pps=pps) for pair, l2, pps in grid),
+                          key=lambda t: t["ms"]) for bits in (4, 8)}
         # settings both widths share: kept when they lower the sum of the two times
         for name, values in SHARED.items() if DEV == "cuda" else ():
             for val in values:

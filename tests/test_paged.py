@@ -154,11 +154,10 @@ def test_pages_move_between_tiers(rng):
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kops,pair,l2", [(0, False, 0), (2, False, 0), (1, True, 0), (1, True, 1)])
-def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair, l2):
+@pytest.mark.parametrize("pair,l2", [(False, 0), (True, 0), (True, 1)])
+def test_paged_imma_matches_dense(rng, monkeypatch, pair, l2):
     """The integer matrix-unit kernel through a block table (head dim 128, pages of 64 tokens,
-    a shared first page), with its key operands from the key-operand kernel (0) or made in the
-    decode kernel (1, 2), one or two tiles per loop step, with the L2 bulk prefetch of the next
+    a shared first page), one or two tiles per loop step, with the L2 bulk prefetch of the next
     step's tiles through the block table (``l2``)."""
     if not KERNEL:
         pytest.skip("the kernel needs a GPU or TRITON_INTERPRET=1")
@@ -166,7 +165,7 @@ def test_paged_imma_matches_dense(rng, monkeypatch, kops, pair, l2):
     from lmcache.backends.torch.triton import decode_attention as da
     from lmcache.backends.torch.triton import decode_imma
 
-    for key, value in {"rows_max": 1 << 20, "imma": True, "imma_key_operands": {4: kops, 8: kops},
+    for key, value in {"rows_max": 1 << 20, "imma": True,
                        "imma_pair": {4: pair, 8: pair}, "programs_per_sm": 1,
                        "imma_l2_ahead": {4: l2, 8: l2}, "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
         monkeypatch.setitem(da.CONFIG, key, value)

@@ -304,11 +304,10 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("settings", [{"imma_operand_groups": 3}, {"imma_operand_groups": 32, "dense_min_tiles": 1}],
+@pytest.mark.parametrize("settings", [{"dense_min_tiles": 1}, {"dense_min_tiles": 2, "dense_side_tokens": 0}],
                          ids=str)
 def test_imma_settings_match_numpy(rng, monkeypatch, settings):
-    """Settings the benchmark may pick: key groups per key-operand program (3: groups of a
-    sequence split across programs unevenly), splits of the dense residual."""
+    """Settings the benchmark may pick: splits of the dense residual, the residual on the same stream."""
     calls = _imma_calls(monkeypatch)
     for key, value in settings.items():
         monkeypatch.setitem(da.CONFIG, key, value)
@@ -320,19 +319,17 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
                                rtol=TOL[torch.float16])
 
 
-@pytest.mark.parametrize("kops,pair,l2", [(0, False, 0), (1, False, 0), (2, False, 0), (1, True, 0), (1, True, 2)])
+@pytest.mark.parametrize("pair,l2", [(False, 0), (False, 2), (True, 0), (True, 2)])
 @pytest.mark.parametrize("kbits,vbits,g,pps", [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)])
-def test_imma_key_operands_and_pairs(rng, monkeypatch, kops, pair, l2, kbits, vbits, g, pps):
-    """Key B registers from the key-operand kernel (0) or made in the decode kernel
-    (``CONFIG["imma_key_operands"]``: every step, once per key group), one tile per loop step or
-    two (``CONFIG["imma_pair"]``; key groups of 32 fall back to one): one split per sequence
+def test_imma_pairs_and_l2_prefetch(rng, monkeypatch, pair, l2, kbits, vbits, g, pps):
+    """One tile per loop step or two (``CONFIG["imma_pair"]``; key groups of 32 fall back to
+    one): one split per sequence
     (``pps`` 1: group boundaries inside the loop) or several (5: splits that start inside a key
     group, and with pairs splits of an odd number of tiles, made even, so that some are empty);
-    with and without the L2 bulk prefetch two steps ahead (``CONFIG["imma_l2_ahead"]``, past the
+    without and with the L2 bulk prefetch two steps ahead (``CONFIG["imma_l2_ahead"]``, past the
     split's and the sequence's end too)."""
     calls = _imma_calls(monkeypatch)
     monkeypatch.setitem(da.CONFIG, "imma_l2_ahead", {4: l2, 8: l2})
-    monkeypatch.setitem(da.CONFIG, "imma_key_operands", {4: kops, 8: kops})
     monkeypatch.setitem(da.CONFIG, "imma_pair", {4: pair, 8: pair})
     monkeypatch.setitem(da.CONFIG, "programs_per_sm", pps)
     blocks = 2 if pps == 1 else 1
@@ -384,18 +381,16 @@ def test_imma_strided_layouts(rng, monkeypatch, layout, which, kbits, vbits):
                                rtol=TOL[torch.float16])
 
 
-@pytest.mark.parametrize("flush_tiles,prefetch", [(1024, 0), (1024, 1), (1024, 2), (2, 0), (2, 2)])
-def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, prefetch):
+@pytest.mark.parametrize("flush_tiles", [1024, 2])
+def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
     """Scores that climb along the sequence (the softmax reference moves and the integer value
     sums fold many times), a few tokens far above the rest, value scales that differ by 1000x
-    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path).
-    ``prefetch``: the loop's load schedule (``CONFIG["imma_prefetch"]``), over 11 tiles."""
+    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path)."""
     import triton.language as tl
 
     from lmcache.backends.torch.triton import decode_imma
 
     calls = _imma_calls(monkeypatch)
-    monkeypatch.setitem(da.CONFIG, "imma_prefetch", {4: prefetch, 8: prefetch})
     if flush_tiles != 1024:
         if DEVICE != "cpu":
             pytest.skip("the fold interval is a compile-time constant: patched under the interpreter only")

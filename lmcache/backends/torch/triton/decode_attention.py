@@ -89,24 +89,16 @@ CONFIG = {
     # issued at a time (two at a time 1.43-1.50: 220 registers), the first version 1.33-1.62;
     # 8-bit 1.72-1.96 ms (the first version 1.74-1.94; qrows 2.50-2.56 in earlier runs).
     # Programs per SM 64-256 within 5%. Registers 154 -> 124 (16 one-warp programs per SM) by
-    # keeping the output in memory between folds: no change in time. 16 key groups per
-    # key-operand program instead of one: 4-bit 1.17-1.21 ms (from 1.24-1.36), 8-bit 1.72-1.75.
+    # keeping the output in memory between folds: no change in time.
+    # Its loads and key operands (the other schedules measured are in bench/NOTES-decode-kernels.md
+    # and were removed in the seventh session): the next step's key words an iteration ahead of
+    # its key product (4-bit 1.14 ms against 1.18 at the top of each iteration and 1.30-1.48 with
+    # the value words too, at 128 programs per SM); the key B registers made in the kernel from the
+    # key scales every step (4-bit 0.854 ms, one tile per step) rather than by a pre-kernel through
+    # memory (0.920) or once per key group (0.872).
     "imma": True,
-    # decode_imma's loads, by the wider side's bits: 0 at the top of the tile's iteration, 1 the
-    # key loads an iteration ahead, 2 all loads an iteration ahead. One H200, one process, 128
-    # programs per SM: 4-bit 1.14 ms with 1 (149 registers), 1.18 with 0 (125), 1.30-1.48 with 2
-    # (188); 8-bit 1.68-1.73 with 1 (184), 1.70-1.91 with 0 (132), 1.92-1.95 with 2 (226).
-    "imma_prefetch": {4: 1, 8: 1},
-    # Key groups per program of decode_imma's key-operand kernel: 8, 16, 32 within 0.5%.
-    "imma_operand_groups": 8,
-    # decode_imma's key B registers, by the wider side's bits: 0 from the key-operand kernel (a
-    # second launch that writes them to memory), 1 or 2 made in the decode kernel from the key
-    # scales, every loop step or once per key group (load schedule 1 only). One H200, one process,
-    # one tile per step: 4-bit 0.920 ms with 0, 0.854 with 1, 0.872 with 2; 8-bit 1.431 / 1.509 /
-    # 1.435 (bench/results/decode_imma-ab-NVIDIA-H200.json holds a later run of these).
-    "imma_key_operands": {4: 1, 8: 1},
     # decode_imma's 32-token tiles two per loop step under one softmax step, by the wider side's
-    # bits (with key operands 1 and key groups of 64 or more): twice the bytes in flight per warp
+    # bits (with key groups of 64 or more): twice the bytes in flight per warp
     # at 238 (4-bit) / 255 registers. Same run, 64 programs per SM: 4-bit 0.819 ms (one tile per
     # step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were slower
     # (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills).
@@ -802,10 +794,8 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
         wide = max(kb[0][0], vb[0][0])
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_prefetch"][wide],
-                           CONFIG["imma_operand_groups"],
-                           CONFIG["imma_key_operands"][wide] if CONFIG["imma_prefetch"][wide] == 1 else 0,
-                           CONFIG["imma_pair"][wide], CONFIG["imma_l2_ahead"][wide])
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_pair"][wide],
+                           CONFIG["imma_l2_ahead"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

@@ -12,9 +12,8 @@ One program: one query row (of ``M`` per KV head), one split, one warp, 32-token
 
 * Keys: ``S = A B``, A the codes (16 tokens x 32 dimensions per k-step, two m-tiles, four
   k-steps), B the query times the key scale, ``round(q_d s_d 2**e)`` in three signed limbs
-  (columns 0-2), with ``2**-e`` and the group's bias ``q . lo``: made in the decode kernel from
-  the key scales (``_key_operands``, ``KOPS``), or per (row, key group) by
-  ``_key_operands_kernel`` into memory. Lane ``(g, t)`` loads tokens ``4g .. 4g + 3``; the head
+  (columns 0-2), with ``2**-e`` and the group's bias ``q . lo``, made every step from the key
+  scales (``_key_operands``). Lane ``(g, t)`` loads tokens ``4g .. 4g + 3``; the head
   dimensions are permuted so its words are its A registers, and B takes the same permutation.
   Its score lanes (``t = 0``) end with those four tokens' scores.
 * Values: ``O = A B``, A the codes transposed (16 dimensions x 32 tokens per m-tile, eight
@@ -69,74 +68,6 @@ def supported(side_k, side_v, device: torch.device, page: int | None = None) -> 
             and (page is None or page % TILE == 0))
 
 
-@triton.jit
-def _operand_loads(g, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK: tl.constexpr,
-                   PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Key group ``g``'s scales at ``dim`` ([4, 4, 2, 4]) and offsets ([128], in order); zeros past ``T``."""
-    n0 = tl.minimum(g * GK, tl.maximum(T - 1, 0))  # past the end: masked, at addresses inside
-    loc, _, ks_base, _, _ = _tile_bases(n0, b, h, tbl_ptr, stbl_b, 0, 0, sks_b, sks_h, 0, 0, 0, 0, PAGED, PAGE)
-    row = ks_base + (loc // GK) * sks_t
-    d = tl.arange(0, 128)
-    ks = tl.load(ks_ptr + row + dim, mask=g * GK + dim * 0 < T, other=0.0)
-    kl = tl.load(kl_ptr + row + d, mask=g * GK + d * 0 < T, other=0.0)
-    return ks, kl
-
-
-@triton.jit
-def _key_operands_kernel(q_ptr, ks_ptr, kl_ptr, bk_ptr, eb_ptr, tbl_ptr, len_ptr, sks_b, sks_h, sks_t, stbl_b,
-                         T, G, Hkv, M, KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                         PAGE: tl.constexpr, GPP: tl.constexpr):
-    # One program: one query row, GPP key groups, each group's loads issued a group ahead (one
-    # group per program made hundreds of thousands of tiny programs at batch 16 / 32K). bk [rows,
-    # G, 4 (t), 3 (limb), 8]: lane (limb, t)'s B registers of k-steps 0-3 (b0, b1), bytes of
-    # x_d = round(q_d scale_d 2**e) as balanced digits; eb [rows, G, 2]: 2**-e and the bias q . lo.
-    pid = tl.program_id(0)
-    b = (pid // M) // Hkv
-    h = (pid // M) % Hkv
-    if PAGED:
-        T = tl.load(len_ptr + b)
-    t = tl.arange(0, 4)[:, None, None, None]
-    s = tl.arange(0, 4)[None, :, None, None]
-    hh = tl.arange(0, 2)[None, None, :, None]
-    i = tl.arange(0, 4)[None, None, None, :]
-    if KBITS == 4:  # word 4t + s: low nibbles (hh = 0) then high nibbles
-        dim = 32 * t + 8 * s + 2 * i + hh
-    else:  # words 8t + 2s + hh
-        dim = 32 * t + 8 * s + 4 * hh + i
-    q = tl.load(q_ptr + pid * 128 + dim)  # [4, 4, 2, 4]
-    if KBITS == 4:
-        q = tl.where(hh == 1, q * 0.0625, q)  # high nibbles arrive as 16 * code
-    q_lin = tl.load(q_ptr + pid * 128 + tl.arange(0, 128))
-    g0 = tl.program_id(1) * GPP
-    ks_n, kl_n = _operand_loads(g0, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
-                                PAGE)
-    for gi in range(GPP):
-        g = g0 + gi
-        ks, kl = ks_n, kl_n
-        ks_n, kl_n = _operand_loads(g + 1, T, b, h, dim, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
-                                    PAGED, PAGE)
-        if g * GK < T:
-            x = q * ks.to(tl.float32)
-            amax = tl.max(tl.reshape(tl.abs(x), [128]), axis=0)
-            ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
-            ex = tl.minimum(tl.maximum(ex, -100), 100)
-            up = ((148 - ex) << 23).to(tl.float32, bitcast=True)  # 2**(21 - ex): |x| * up < 2**22
-            down = ((106 + ex) << 23).to(tl.float32, bitcast=True)
-            xi = (x * up + 12582912.0).to(tl.int32, bitcast=True) - _I2F  # round to nearest, exact
-            l0 = ((xi + 128) & 255) - 128
-            x1 = (xi - l0) >> 8
-            l1 = ((x1 + 128) & 255) - 128
-            l2 = (x1 - l1) >> 8
-            out = bk_ptr + (pid * G + g) * 96 + tl.arange(0, 4)[:, None, None] * 24 + (
-                2 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 2)[None, None, :])
-            sh = 8 * i
-            tl.store(out, tl.sum((l0 & 255) << sh, axis=3))
-            tl.store(out + 8, tl.sum((l1 & 255) << sh, axis=3))
-            tl.store(out + 16, tl.sum((l2 & 255) << sh, axis=3))
-            tl.store(eb_ptr + (pid * G + g) * 2, down)
-            tl.store(eb_ptr + (pid * G + g) * 2 + 1, tl.sum(q_lin * kl.to(tl.float32), axis=0))
-
-
 _LO4 = tl.constexpr(0x0F0F0F0F)
 _HI4 = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as int32
 
@@ -148,23 +79,6 @@ def _split4(x):
     x0, x2 = tl.split(a)
     x1, x3 = tl.split(b)
     return x0, x1, x2, x3
-
-
-@triton.jit
-def _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-               KBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """What tile ``tile``'s scores read from the key-operand kernel and the cache, issued together:
-    the key B registers, ``2**-e`` and bias, and the key words of ``_key_words``."""
-    at = tl.minimum(tile, t_hi - 1) * 32
-    grp = at // GK
-    bko = bk_ptr + (pid * G + grp) * 96 + t * 24 + g * 8 + u4
-    kb01 = tl.load(bko, mask=g < 3, other=0)
-    kb23 = tl.load(bko + 4, mask=g < 3, other=0)
-    e = tl.load(eb_ptr + (pid * G + grp) * 2)
-    bias = tl.load(eb_ptr + (pid * G + grp) * 2 + 1)
-    k0, k1, k2, k3 = _key_words(tile, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS,
-                                PAGED, PAGE)
-    return kb01, kb23, e, bias, k0, k1, k2, k3
 
 
 @triton.jit
@@ -205,11 +119,11 @@ def _scale_loads(tile, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, s
 
 @triton.jit
 def _key_operands(q4, qx4, ks, kl):
-    """A key group's B registers (as ``_key_loads`` gives them, [32, 4] twice), ``2**-e`` and bias,
+    """A key group's B registers ([32, 4] twice, as ``_key_d`` takes them), ``2**-e`` and bias,
     made in the decode kernel from the group's scales ``ks`` and offsets ``kl`` at the lane's four
     dimensions (those of B register ``g`` of the lanes of column ``t``): ``x = q * scale`` (``qx4``,
-    with the 4-bit high nibbles' 1/16), fixed point ``round(x 2**(21 - e))`` as ``_key_operands_kernel``
-    makes it, its three balanced limbs as the bytes of ``x + 0x808080`` with the top bits flipped,
+    with the 4-bit high nibbles' 1/16), fixed point ``round(x 2**(21 - e))`` (``2**e`` above the
+    group's largest ``|x|``), its three balanced limbs as the bytes of ``x + 0x808080`` with the top bits flipped,
     moved to the lanes that hold them by ``ptx.key_b``. Bias: ``q . offset`` over the warp."""
     x = qx4 * ks.to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
@@ -237,7 +151,7 @@ def _join4(x0, x1, x2, x3):
 def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
                  svs_b, svs_h, svs_t, VBITS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                  SCONTIG: tl.constexpr):
-    """What tile ``tile``'s value product reads, issued together (masks as ``_key_loads``): value
+    """What tile ``tile``'s value product reads, issued together (masks as ``_key_words``): value
     words of tokens ``4t + i + 16Q`` ([32, J] each, Q-major), value scales and offsets [32, 4 (i), 2 (Q)]."""
     ok = tile * 32 + tl.zeros([32, 1], tl.int32) < end
     at = tl.minimum(tile, t_hi - 1) * 32
@@ -396,8 +310,8 @@ def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10,
                m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
                end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
                VBITS: tl.constexpr, PAIR: tl.constexpr):
-    """One step's scores, softmax step and value product on the loads of ``_key_loads`` (or
-    ``_key_words``) and ``_value_loads``; returns the new state. A step is the 32-token tile at
+    """One step's scores, softmax step and value product on the loads of ``_key_words`` and
+    ``_value_loads``; returns the new state. A step is the 32-token tile at
     ``n0``, and with ``PAIR`` also the next one (key words ``j``, value words ``w``, value scales
     ``sw`` and offsets ``lw``; its key group is the same), under one softmax reference.
 
@@ -470,12 +384,11 @@ def _value_operands(s, m_ref, sv, lv, f_lane, sel):
 
 
 @triton.jit
-def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
+def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
                    len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
-                   T, G, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                   T, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, SCONTIG: tl.constexpr, KOPS: tl.constexpr,
-                   PAIR: tl.constexpr, L2AHEAD: tl.constexpr):
+                   PAGE: tl.constexpr, SCONTIG: tl.constexpr, PAIR: tl.constexpr, L2AHEAD: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -530,49 +443,32 @@ def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr
     c3 = tl.zeros([32, 8], tl.int32)
     acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
-    # PREFETCH 1: the next step's key loads are issued an iteration ahead, so that the key
-    # product waits for no load; 2: its value loads too. KOPS: the key B registers are made here
-    # from the key scales (loaded a step ahead of their use) instead of read from the key-operand
-    # kernel: 1 for every step, branch-free; 2 once per key group. PAIR: two tiles per step, one
-    # softmax step for both (twice the bytes in flight per warp; key groups of 64 or more, splits
-    # of an even number of tiles, KOPS 1)
+    # The next step's key words, and its key operands from scales loaded a step before, are made
+    # an iteration ahead, so that the key product waits for no load. PAIR: two tiles per step,
+    # one softmax step for both (twice the bytes in flight per warp; key groups of 64 or more,
+    # splits of an even number of tiles)
     STEP: tl.constexpr = 2 if PAIR else 1
     if PAIR:
-        tl.static_assert((KOPS == 1) & (GK >= 64), "tile pairs take key operands made every step, groups >= 64")
-    if KOPS:
-        tl.static_assert(PREFETCH == 1, "key operands in the decode kernel take the load schedule 1")
-        TPG: tl.constexpr = GK // 32  # tiles per key group
-        if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
-            kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
-        else:  # 32t + 8s + 4hh + i
-            kd = 32 * t + 4 * g + u4
-        q4 = tl.load(q_ptr + pid * 128 + kd)
-        if KBITS == 4:  # high nibbles arrive as 16 * code
-            qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
-        else:
-            qx4 = q4
-        ks_n, kl_n = _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
-                                  PAGED, PAGE)
-        kb01, kb23, e, bias = _key_operands(q4, qx4, ks_n, kl_n)
-        k0, k1, k2, k3 = _key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-                                    KBITS, PAGED, PAGE)
-        if KOPS == 1:  # the scales of the next step
-            nxt = t_lo + STEP
-        else:  # of the next group
-            nxt = (t_lo // TPG + 1) * TPG
-        ks_n, kl_n = _scale_loads(nxt, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
-                                  PAGE)
-    elif PREFETCH >= 1:
-        kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(t_lo, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
-                                                         kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
-                                                         PAGED, PAGE)
+        tl.static_assert(GK >= 64, "tile pairs take key groups of 64 or more")
+    if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
+        kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
+    else:  # 32t + 8s + 4hh + i
+        kd = 32 * t + 4 * g + u4
+    q4 = tl.load(q_ptr + pid * 128 + kd)
+    if KBITS == 4:  # high nibbles arrive as 16 * code
+        qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
+    else:
+        qx4 = q4
+    ks_n, kl_n = _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
+                              PAGED, PAGE)
+    kb01, kb23, e, bias = _key_operands(q4, qx4, ks_n, kl_n)
+    k0, k1, k2, k3 = _key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                                KBITS, PAGED, PAGE)
+    ks_n, kl_n = _scale_loads(t_lo + STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
+                              PAGED, PAGE)
     if PAIR:
         j0, j1, j2, j3 = _key_words(t_lo + 1, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
                                     KBITS, PAGED, PAGE)
-    if PREFETCH == 2:
-        v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
-            t_lo, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t, svs_b,
-            svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
     # L2AHEAD: the tiles of the step that many steps ahead are brought into L2 by the TMA unit
     # while this one is loaded into registers: more bytes on their way than registers hold
     for a in tl.static_range(1, L2AHEAD):
@@ -582,14 +478,9 @@ def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr
         if L2AHEAD:
             _l2_tiles(tile + L2AHEAD * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
                       svc_b, svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
-        if PREFETCH == 0:
-            kb01, kb23, e, bias, k0, k1, k2, k3 = _key_loads(tile, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr,
-                                                             kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, GK,
-                                                             PAGED, PAGE)
-        if PREFETCH <= 1:
-            v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
-                tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
-                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+        v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
+            tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
+            svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
         if PAIR:
             w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = _value_loads(
                 tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
@@ -599,38 +490,19 @@ def _decode_kernel(bk_ptr, eb_ptr, q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr
         else:  # unused
             j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = (
                 k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv)
-        if KOPS:
-            nk0, nk1, nk2, nk3 = _key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
-                                            skc_h, skc_t, KBITS, PAGED, PAGE)
-            if KOPS == 1:
-                nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
-                ks_n, kl_n = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
-                                          sks_h, sks_t, GK, PAGED, PAGE)
-            else:
-                nkb01, nkb23, ne, nbias = kb01, kb23, e, bias
-                if (tile + 1) % TPG == 0:
-                    nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
-                    ks_n, kl_n = _scale_loads(tile + 1 + TPG, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
-                                              sks_h, sks_t, GK, PAGED, PAGE)
-        elif PREFETCH >= 1:
-            nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3 = _key_loads(
-                tile + 1, t_hi, end, pid, G, b, h, g, t, u4, bk_ptr, eb_ptr, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
-                skc_t, KBITS, GK, PAGED, PAGE)
-        if PREFETCH == 2:
-            nv00, nv01, nv02, nv03, nv10, nv11, nv12, nv13, nsv, nlv = _value_loads(
-                tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
-                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+        nk0, nk1, nk2, nk3 = _key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
+                                        skc_h, skc_t, KBITS, PAGED, PAGE)
+        nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
+        ks_n, kl_n = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
+                                  sks_h, sks_t, GK, PAGED, PAGE)
         m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
             tile * 32, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
             j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw,
             m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
             f_lane, sel, o_row, KBITS, VBITS, PAIR)
-        if PREFETCH >= 1:
-            kb01, kb23, e, bias, k0, k1, k2, k3 = nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3
+        kb01, kb23, e, bias, k0, k1, k2, k3 = nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3
         if PAIR:
             j0, j1, j2, j3 = nj0, nj1, nj2, nj3
-        if PREFETCH == 2:
-            v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = nv00, nv01, nv02, nv03, nv10, nv11, nv12, nv13, nsv, nlv
 
     # ---- this split's partial result
     f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
@@ -657,44 +529,29 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           prefetch: int = 0, operand_groups: int = 16, key_operands: int = 0, pair: bool = False,
-           l2_ahead: int = 0) -> None:
-    """Run the key-operand and decode kernels for one segment into ``part`` (from ``decode_attention._launch``).
+           pair: bool = False, l2_ahead: int = 0) -> None:
+    """Run the decode kernel for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
     ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
-    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``prefetch``: 0
-    (a tile's loads at the top of its iteration), 1 (its key loads an iteration ahead), 2 (all
-    its loads an iteration ahead); ``operand_groups``: key groups per key-operand program;
-    ``key_operands``: 0, the key B registers from the key-operand kernel; 1 or 2, made in the decode
-    kernel (every step, or once per key group), with load schedule 1 only; ``pair``: two tiles per
-    loop step (with ``key_operands`` 1 and key groups of 64 or more; splits of an odd number of
-    tiles grow by one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the
-    loop step that many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous
-    along the tokens and 16-byte aligned).
+    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``pair``: two
+    tiles per loop step (with key groups of 64 or more; splits of an odd number of tiles grow by
+    one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the loop step that
+    many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous along the tokens
+    and 16-byte aligned).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
     tbl, lens, stbl, page, paged = table
     rows = q2.shape[0] * m_rows
-    g = triton.cdiv(T, gk)
-    pair = pair and key_operands == 1 and gk >= 64
+    pair = pair and gk >= 64
     tiles_per_split += pair and tiles_per_split % 2
-    if key_operands:
-        bk = eb = q2  # not read
-    else:
-        bk = torch.empty((rows, g, 96), dtype=torch.int32, device=q2.device)
-        eb = torch.empty((rows, g, 2), dtype=torch.float32, device=q2.device)
-        _key_operands_kernel[(rows, triton.cdiv(g, operand_groups))](
-            q2, ks, kl, bk, eb, tbl, lens, *sks, stbl, T, g, hkv, m_rows, KBITS=kbits, GK=gk, PAGED=paged, PAGE=page,
-            GPP=operand_groups, num_warps=1)
     l2_ahead = l2_ahead if _l2_ready(kside, vside) else 0
     _decode_kernel[(rows, n_splits)](
-        bk, eb, q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
-        T, g, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, PREFETCH=prefetch, SCONTIG=svs[2] == 2, KOPS=key_operands, PAIR=pair, L2AHEAD=l2_ahead,
-        num_warps=1, num_stages=1)
+        q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
+        T, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
+        PAGE=page, SCONTIG=svs[2] == 2, PAIR=pair, L2AHEAD=l2_ahead, num_warps=1, num_stages=1)
 
 
 def _l2_ready(kside: tuple, vside: tuple) -> bool:
