@@ -120,8 +120,6 @@ def key_b(w0, w1, w2):
                                             tl.int32), is_pure=True, pack=1)
 
 
-# ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
-
 @triton.jit
 def l2_bulk(on, addr, nbytes):
     """Prefetch ``nbytes`` (a multiple of 16) from ``addr`` (int64, 16-byte aligned) into L2 where
@@ -129,6 +127,8 @@ def l2_bulk(on, addr, nbytes):
     return tl.inline_asm_elementwise(_L2_BULK, "=r,r,l,r", [on, addr, nbytes], dtype=tl.int32, is_pure=False,
                                      pack=1)
 
+
+# ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
 
 def _bytes(regs: np.ndarray) -> np.ndarray:
     """int32 [..., r] -> uint8 [..., r, 4], byte 0 the least significant."""
