@@ -12,8 +12,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee $OUT/gpu.txt
 for what in "${@:-decode}"; do
   case "$what" in
-    tests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,torch timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x \
-             tests/test_triton_kernels.py tests/test_paged.py -k "${TEST_K:-qrows or long_sequence or paged}" \
+    tests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,torch timeout ${TEST_TIMEOUT:-480} python3 -m pytest -q -x \
+             tests/test_triton_kernels.py tests/test_paged.py -k "${TEST_K:-qrows or long_sequence or paged or imma}" \
              2>&1 | tail -25 | tee $OUT/tests.log ;;
     jaxtests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,jax timeout 150 python3 -m pytest -q -x \
              tests/test_pallas_kernels.py tests/test_pallas_int8.py tests/test_jax_functional.py 2>&1 | tail -15 \
