@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backends.base import host_dtype
+
 MAGIC = b"LMKV"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBBBBIQ")
@@ -47,14 +49,6 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 class FrameError(ValueError):
     """A frame that is corrupt, truncated, of another namespace or key, or undecryptable."""
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 class _Checksum:
@@ -169,7 +163,7 @@ def _plan(segments: tuple) -> tuple:
     out, off = [], 0
     for s in segments:
         n = s.nbytes
-        out.append((off, off + n, _np_dtype(s.dtype), s.shape))
+        out.append((off, off + n, host_dtype(s.dtype), s.shape))
         off += n
     return tuple(out)
 

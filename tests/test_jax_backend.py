@@ -12,16 +12,16 @@ from conftest import TEST_DEVICE, require
 
 jax = require("jax")
 jnp = jax.numpy
-ml_dtypes = require("ml_dtypes")
+require("ml_dtypes")  # bfloat16 on the host (host_dtype)
 
 import lmcache  # noqa: E402
 from lmcache.backends import get_backend  # noqa: E402
+from lmcache.backends.base import host_dtype  # noqa: E402
 from lmcache.quant import QuantSpec  # noqa: E402
 
 DEVICE = "cuda" if TEST_DEVICE == "cuda" else "cpu"
 if DEVICE == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
     pytest.skip("LMCACHE_TEST_DEVICE=cuda but jax sees no GPU", allow_module_level=True)
-NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def nb():
 
 def _pair(jb, x: np.ndarray, dtype: str):
     """The same values as a jax array on DEVICE and as a numpy array of ``dtype``."""
-    xn = x.astype(NP_DTYPES[dtype])
+    xn = x.astype(host_dtype(dtype))
     return jb.from_numpy(xn, dtype, DEVICE), xn
 
 

@@ -8,12 +8,11 @@ from conftest import need_jax_gpu, require
 
 jax = require("jax")
 jnp = jax.numpy
-ml_dtypes = require("ml_dtypes")
+require("ml_dtypes")  # bfloat16 on the host (host_dtype)
 
 import lmcache  # noqa: E402
+from lmcache.backends.base import host_dtype  # noqa: E402
 from lmcache.backends.jax import functional as F  # noqa: E402
-
-NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 def _close(actual, expected, tol, step):
@@ -47,8 +46,8 @@ def test_matches_the_eager_cache(rng, dtype, bits, q_heads):
     step = jax.jit(lambda s, k, v, q: (lambda s2, kk, vv: (s2, kk, vv, F.attend(s2, q)))(*F.update(s, k, v)))
     for k, v in _steps(rng, b, h, d, (70, 1, 1, 33, 1)):
         n = k.shape[2]
-        kn, vn = k.astype(NP_DTYPES[dtype]), v.astype(NP_DTYPES[dtype])
-        q = rng.standard_normal((b, q_heads, min(n, 3), d)).astype(NP_DTYPES[dtype])
+        kn, vn = k.astype(host_dtype(dtype)), v.astype(host_dtype(dtype))
+        q = rng.standard_normal((b, q_heads, min(n, 3), d)).astype(host_dtype(dtype))
         state, ko, vo, out = step(state, jnp.asarray(kn), jnp.asarray(vn), jnp.asarray(q))
         kr, vr = cache.update(0, kn, vn)
         length = int(state.length)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import need_jax_gpu, pallas_interpret_device, require
 
+from lmcache.backends.base import host_dtype
 from lmcache.backends.numpy import NumpyBackend
 from lmcache.quant import QuantSpec
 
@@ -18,10 +19,9 @@ jax = require("jax")
 jnp = jax.numpy
 pl_da = require("lmcache.backends.jax.pallas.decode_attention")
 pl_i8 = require("lmcache.backends.jax.pallas.decode_int8")
-ml_dtypes = require("ml_dtypes")
+require("ml_dtypes")  # bfloat16 on the host (host_dtype)
 
 NP = NumpyBackend()
-NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 # Lowering for CUDA asks for a GPU where there is one: these run on the default device.
@@ -38,8 +38,8 @@ def _quantized(rng, b, hkv, t, d, k_bits, v_bits, gk, gv, dtype="float16", k=Non
     """(k_codes, k_scale, k_lo, v_codes, v_scale, v_lo) as jnp arrays, quantized by the numpy reference."""
     k = rng.standard_normal((b, hkv, t, d)).astype(np.float32) if k is None else k
     v = rng.standard_normal((b, hkv, t, d)).astype(np.float32) if v is None else v
-    kq = NP.quantize(k.astype(NP_DTYPES[dtype]), QuantSpec(k_bits, gk, -2))
-    vq = NP.quantize(v.astype(NP_DTYPES[dtype]), QuantSpec(v_bits, gv, -1))
+    kq = NP.quantize(k.astype(host_dtype(dtype)), QuantSpec(k_bits, gk, -2))
+    vq = NP.quantize(v.astype(host_dtype(dtype)), QuantSpec(v_bits, gv, -1))
     return [jnp.asarray(a) for a in (kq.codes, kq.scale, kq.lo, vq.codes, vq.scale, vq.lo)]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import need_jax_gpu, pallas_interpret_device, require
 
+from lmcache.backends.base import host_dtype
 from lmcache.backends.numpy import NumpyBackend
 from lmcache.quant import QuantSpec
 
@@ -19,10 +20,9 @@ jnp = jax.numpy
 pl_q = require("lmcache.backends.jax.pallas.quantize")
 pl_dq = require("lmcache.backends.jax.pallas.dequantize")
 pl_da = require("lmcache.backends.jax.pallas.decode_attention")
-ml_dtypes = require("ml_dtypes")
+require("ml_dtypes")  # bfloat16 on the host (host_dtype)
 
 NP = NumpyBackend()
-NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 # Lowering for CUDA asks for a GPU where there is one: these run on the default device.
@@ -38,7 +38,7 @@ def _interpret_on_cpu(request):
 def _data(rng, shape, dtype, spread=3.0):
     x = (rng.standard_normal(shape) * spread + rng.standard_normal(shape[:-2] + (1, shape[-1]))).astype(np.float32)
     x[..., :2, :] = 0.5  # a constant patch: scale 0 becomes 1
-    return x.astype(NP_DTYPES[dtype])
+    return x.astype(host_dtype(dtype))
 
 
 def _to_f32(a):
@@ -191,5 +191,5 @@ def test_compiled_kernels_on_gpu_match_the_reference(rng, dtype):
         for length, launch in every_launch if (k_bits, dtype) == (4, "float16") else every_launch[:1]:
             out, _ = pl_da.decode_attention(jnp.asarray(q, dtype), *args, k_bits=k_bits, v_bits=v_bits,
                                             length=length, **launch)
-            expect = _numpy_decode(q.astype(NP_DTYPES[dtype]).astype(np.float32), kq, vq, length, d ** -0.5)
+            expect = _numpy_decode(q.astype(host_dtype(dtype)).astype(np.float32), kq, vq, length, d ** -0.5)
             np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-4, atol=1e-4)

@@ -8,20 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..quant import QuantSpec, storage_dtype
-from .base import Backend, QuantBlock, attention_scores_numpy
+from .base import Backend, QuantBlock, attention_scores_numpy, host_dtype
 
 # Float32 bytes quantized per step: large enough to amortise numpy's per-call cost, small
 # enough that a chunk's temporaries stay in the L2 cache (bench/quant_cpu.py on the 2-core
 # EPYC CI machine: 256 KiB chunks beat whole-head passes of 2 MiB).
 _CHUNK_BYTES = 1 << 18
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes  # optional: shipped with jax, not a hard dependency
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 _LITTLE = sys.byteorder == "little"
@@ -148,7 +140,7 @@ class NumpyBackend(Backend):
     def supports_dtype(self, dtype: str) -> bool:
         if dtype == "bfloat16":
             try:
-                _np_dtype("bfloat16")
+                host_dtype("bfloat16")
             except ImportError:
                 return False
             return True
@@ -172,13 +164,13 @@ class NumpyBackend(Backend):
         if device not in (None, "cpu"):
             raise ValueError(f"device={device!r} is not available on the numpy backend")
         a = np.asarray(a)
-        return a if dtype is None else a.astype(_np_dtype(dtype), copy=False)
+        return a if dtype is None else a.astype(host_dtype(dtype), copy=False)
 
     def empty(self, shape, dtype, device=None):
-        return np.empty(tuple(shape), dtype=_np_dtype(dtype))
+        return np.empty(tuple(shape), dtype=host_dtype(dtype))
 
     def cast(self, x, dtype):
-        return x.astype(_np_dtype(dtype), copy=False)
+        return x.astype(host_dtype(dtype), copy=False)
 
     def concat(self, xs: Sequence, axis: int):
         return np.concatenate(list(xs), axis=axis)
@@ -238,7 +230,7 @@ class NumpyBackend(Backend):
         rows_c = q.codes.reshape((-1, n, p))
         rows_s = q.scale.reshape((-1,) + q.scale.shape[-2:])
         rows_l = q.lo.reshape((-1,) + q.lo.shape[-2:])
-        out = np.empty((rows_c.shape[0], n, d), _np_dtype(dtype))
+        out = np.empty((rows_c.shape[0], n, d), host_dtype(dtype))
         step = _token_step(spec, n, d)
         ax = spec.axis
         for i in range(rows_c.shape[0]):
