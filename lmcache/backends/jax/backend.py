@@ -180,13 +180,13 @@ class JaxBackend(Backend):
         Other cases (a prompt, a full-precision side, the CPU, ``want_scores``) take the
         composite path.
         """
-        if (want_scores is not False and want_scores is not None) or not self._fused_ok(q, view):
+        kernels = None if want_scores is not False and want_scores is not None else self._fused_kernels(q, view)
+        if kernels is None:
             return super().attend(q, view, scale, want_scores)
         ops = self._ops
         qr = ops.rotate(q) if view.rotate_k else q
         parts = []
-        for kb, vb in zip(view.k_blocks, view.v_blocks):
-            kern = self._kernel(q.shape[-1], kb, vb)
+        for kern, kb, vb in zip(kernels, view.k_blocks, view.v_blocks):
             parts.append(kern.decode_attention(qr[:, :, 0], kb.codes, kb.scale, kb.lo, vb.codes, vb.scale, vb.lo,
                                                k_bits=kb.spec.bits, v_bits=vb.spec.bits, scale=scale))
         if view.k_res is not None:
@@ -197,17 +197,21 @@ class JaxBackend(Backend):
             out = ops.rotate(out)
         return out.astype(q.dtype)
 
-    def _fused_ok(self, q, view: KVView) -> bool:
+    def _fused_kernels(self, q, view: KVView) -> list | None:
+        """The Pallas decode kernel module of each (K, V) block pair of ``view``, or ``None`` if any
+        block cannot take one (then the composite path runs)."""
         if not self._pallas or q.shape[2] != 1 or not view.k_blocks:
-            return False
+            return None
+        kernels = []
         for kb, vb in zip(view.k_blocks, view.v_blocks):
             if not (isinstance(kb, QuantBlock) and isinstance(vb, QuantBlock)):
-                return False
+                return None
             if (kb.spec.axis, vb.spec.axis) != (-2, -1):  # the kernels' layout: the Cache's
-                return False
-            if self._kernel(q.shape[-1], kb, vb) is None:
-                return False
-        return True
+                return None
+            kernels.append(self._kernel(q.shape[-1], kb, vb))
+            if kernels[-1] is None:
+                return None
+        return kernels
 
     @staticmethod
     def _kernel(d: int, kb: QuantBlock, vb: QuantBlock):
