@@ -879,7 +879,7 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
               for (ks, _), n, bn in zip(segments, lens, bns)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
-    side = _side_stream(q.device, b * sum(n for n, d in zip(lens, dense) if not d), any(dense))
+    side = _side_stream(q.device, b * sum(n for n, dn in zip(lens, dense) if not dn), any(dense))
     launches, base, pos = [], 0, 0
     for (ks, vs), n, bn, ns, dn in zip(segments, lens, bns, splits, dense):
         launches.append((dn, (q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)))
