@@ -61,8 +61,8 @@ def configs_rows(bits: int) -> dict:
 
 def configs_imma(bits: int) -> dict:
     """decode_imma of an earlier revision (``_old_decode_imma``, if written) against the working
-    tree's kernel without and with the L2 bulk prefetch (``CONFIG["imma_l2_ahead"]``), the latter at
-    several programs per SM (224 registers at 4-bit: 9 warps resident per SM, not 8)."""
+    tree's kernel at several settings: tiles per loop step (``CONFIG["imma_step"]``), the L2 bulk
+    prefetch (``imma_l2_ahead``), programs per SM (64 or 63: whole waves or not)."""
     import types
 
     import lmcache.backends.torch.triton as pkg
@@ -70,8 +70,9 @@ def configs_imma(bits: int) -> dict:
 
     new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
 
-    def c(l2=0, pps=None):
+    def c(step=2, l2=0, pps=None):
         return {"imma": True, "imma_l2_ahead": {**da.CONFIG["imma_l2_ahead"], bits: l2},
+                "imma_step": {**da.CONFIG["imma_step"], bits: step},
                 "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
 
     def swap(mod):
@@ -84,19 +85,18 @@ def configs_imma(bits: int) -> dict:
     except ImportError:
         pass
     else:
-        # decode_attention passes the segment (16 arguments through the block table), then pair and
-        # l2_ahead: the old launch gets those it takes by name, and earlier revisions' load schedule
-        # and key operands as their defaults were (1, 1)
-        known = inspect.signature(old.launch).parameters
+        # decode_attention passes the segment (16 arguments through the block table), then the
+        # step and l2_ahead: the old launch gets those it takes, by position
+        n = len(inspect.signature(old.launch).parameters)
 
         def old_launch(*a):
-            kw = {"prefetch": 1, "key_operands": 1, "pair": a[16], "l2_ahead": a[17]}
-            return old.launch(*a[:16], **{k: v for k, v in kw.items() if k in known})
+            return old.launch(*a[:n])
 
         shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
         cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
-    for l2, p in ((0, 64), (1, 64), (1, 54), (1, 63), (1, 72), (1, 81), (1, 90)):
-        cfgs[f"new l2_ahead={l2} pps={p}"] = (da.decode_attention, da.CONFIG, c(l2, p), swap(new))
+    # (tiles per step, L2 prefetch steps ahead, programs per SM)
+    for step, l2, pps in ((2, 0, 64), (2, 1, 64), (2, 1, 63), (1, 1, 128)):
+        cfgs[f"new step={step} l2={l2} pps={pps}"] = (da.decode_attention, da.CONFIG, c(step, l2, pps), swap(new))
     return cfgs
 
 

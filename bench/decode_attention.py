@@ -41,7 +41,7 @@ ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
 # decode_imma settings the sweep tries beyond the defaults, shared by 4- and 8-bit
 SHARED = {"dense_min_tiles": (1, 2), "dense_side_tokens": (0,)}
 # decode_imma settings per width: the sweep's name -> the CONFIG entry ({bits: value})
-IMMA_PER_BITS = {"pair": "imma_pair", "l2_ahead": "imma_l2_ahead"}
+IMMA_PER_BITS = {"step": "imma_step", "l2_ahead": "imma_l2_ahead"}
 
 
 _FLUSH = {}
@@ -159,7 +159,7 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["imma"] = key == "imma"
         if key == "imma":
             for name, entry in IMMA_PER_BITS.items():
-                da.CONFIG[entry] = {**saved[entry], bits: cfg.get(name, 0)}
+                da.CONFIG[entry] = {**saved[entry], bits: cfg[name]}
             da.CONFIG.update({name: cfg[name] for name in SHARED if name in cfg})
         else:
             da.CONFIG[key] = dict(cfg)
@@ -196,11 +196,10 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        # (tile pairs, L2 prefetch steps ahead, programs per SM): one tile per step at 128 programs
-        # per SM, tile pairs (fewer, longer programs) at three
-        grid = [(False, 0, 128), (True, 0, 64), (True, 1, 32), (True, 1, 64), (True, 1, 128)] if DEV == "cuda" \
-            else [(True, 1, 64)]
-        imma = {bits: min((trial(bits, "imma", {"pair": pair, "l2_ahead": l2}, pps=pps) for pair, l2, pps in grid),
+        # (tiles per loop step, L2 prefetch steps ahead, programs per SM): one tile per step at 128
+        # programs per SM, two (fewer, longer programs) at three
+        grid = [(1, 0, 128), (2, 0, 64), (2, 1, 32), (2, 1, 64), (2, 1, 128)] if DEV == "cuda" else [(2, 1, 64)]
+        imma = {bits: min((trial(bits, "imma", {"step": step, "l2_ahead": l2}, pps=pps) for step, l2, pps in grid),
                           key=lambda t: t["ms"]) for bits in (4, 8)}
         # settings both widths share: kept when they lower the sum of the two times
         for name, values in SHARED.items() if DEV == "cuda" else ():
@@ -213,7 +212,7 @@ def sweep(caches, q, scale) -> dict:
             best = imma
             da.CONFIG["programs_per_sm"] = imma[4]["programs_per_sm"]
             for name, entry in IMMA_PER_BITS.items():
-                da.CONFIG[entry] = {b: imma[b]["settings"].get(name, 0) for b in (4, 8)}
+                da.CONFIG[entry] = {b: imma[b]["settings"][name] for b in (4, 8)}
             da.CONFIG.update({name: imma[4]["settings"][name] for name in SHARED if name in imma[4]["settings"]})
         else:
             use_imma = False

@@ -2,9 +2,9 @@
 
 Triton's wheel carries ptxas and cuobjdump, so a build for ``GPUTarget("cuda", 90, 32)`` needs
 no device. Each variant is a comma-separated list of the kernel's constexprs over the defaults
-(4-bit both sides, key groups of 64, tile pairs, no L2 prefetch)::
+(4-bit both sides, key groups of 64, two tiles per loop step, no L2 prefetch)::
 
-    python bench/sass_imma.py bits=4,L2AHEAD=1 bits=8 bits=8,GK=32,PAIR=0 --out /tmp/sass
+    python bench/sass_imma.py bits=4,L2AHEAD=1 bits=8 bits=8,GK=32,STEP=1 --out /tmp/sass
 
 prints registers, stack and SASS instruction count per variant and, with ``--out``, writes each
 variant's SASS and its opcode sequence (``.ops``, one per line: two builds with equal ``.ops``
@@ -36,7 +36,7 @@ POINTERS = {"kc_ptr": "*i32", "vc_ptr": "*i32", "vs_ptr": "*fp16", "vl_ptr": "*f
             "ks_ptr": "*fp16", "kl_ptr": "*fp16"}
 # integer arguments that are not multiples of 16 in general (the strides are, as the cache allocates them)
 ANY_INT = {"T", "QOFF", "tiles_per_split", "split_base", "Hkv", "M", "L"}
-DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, PAIR=True, L2AHEAD=0)
+DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=2, L2AHEAD=0)
 
 
 def compile_variant(const: dict, maxnreg: int | None = None):
@@ -64,7 +64,7 @@ def opcodes(sass: str) -> list[str]:
     """The instruction names of a SASS listing, in order (predicates and operands dropped)."""
     ops = []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m:
             ops.append(m.group(2))
     return ops
@@ -72,7 +72,7 @@ def opcodes(sass: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variants", nargs="*", default=[""], help="e.g. bits=8,PAIR=0 (constexprs over the defaults)")
+    ap.add_argument("variants", nargs="*", default=[""], help="e.g. bits=8,STEP=1 (constexprs over the defaults)")
     ap.add_argument("--out", help="folder for each variant's .sass and .ops")
     args = ap.parse_args()
     for spec in args.variants:

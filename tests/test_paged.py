@@ -154,8 +154,8 @@ def test_pages_move_between_tiers(rng):
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("pair,l2", [(False, 0), (True, 0), (True, 1)])
-def test_paged_imma_matches_dense(rng, monkeypatch, pair, l2):
+@pytest.mark.parametrize("step,l2", [(1, 0), (2, 0), (2, 1)])
+def test_paged_imma_matches_dense(rng, monkeypatch, step, l2):
     """The integer matrix-unit kernel through a block table (head dim 128, pages of 64 tokens,
     a shared first page), one or two tiles per loop step, with the L2 bulk prefetch of the next
     step's tiles through the block table (``l2``)."""
@@ -166,7 +166,7 @@ def test_paged_imma_matches_dense(rng, monkeypatch, pair, l2):
     from lmcache.backends.torch.triton import decode_imma
 
     for key, value in {"rows_max": 1 << 20, "imma": True,
-                       "imma_pair": {4: pair, 8: pair}, "programs_per_sm": 1,
+                       "imma_step": {4: step, 8: step}, "programs_per_sm": 1,
                        "imma_l2_ahead": {4: l2, 8: l2}, "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
         monkeypatch.setitem(da.CONFIG, key, value)
     calls = []

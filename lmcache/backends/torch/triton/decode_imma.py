@@ -7,7 +7,7 @@ integer instead, in fixed point with 8-bit limbs in separate columns: the sums a
 the limbs are weighted back in float32 once per tile (keys) or once per flush (values).
 
 One program: one query row (of ``M`` per KV head), one split, one warp, 32-token tiles, one or
-(``PAIR``) two per loop step under one softmax step. Lane ``l``: ``g = l // 4``, ``t = l % 4``
+two (``STEP``) per loop step under one softmax step. Lane ``l``: ``g = l // 4``, ``t = l % 4``
 (fragment layouts in ``ptx``).
 
 * Keys: ``S = A B``, A the codes (16 tokens x 32 dimensions per k-step, two m-tiles, four
@@ -118,13 +118,15 @@ def _scale_loads(tile, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, s
 
 
 @triton.jit
-def _key_operands(q4, qx4, ks, kl):
+def _key_operands(q4, qx4, sc):
     """A key group's B registers ([32, 4] twice, as ``_key_d`` takes them), ``2**-e`` and bias,
     made in the decode kernel from the group's scales ``ks`` and offsets ``kl`` at the lane's four
     dimensions (those of B register ``g`` of the lanes of column ``t``): ``x = q * scale`` (``qx4``,
     with the 4-bit high nibbles' 1/16), fixed point ``round(x 2**(21 - e))`` (``2**e`` above the
     group's largest ``|x|``), its three balanced limbs as the bytes of ``x + 0x808080`` with the top bits flipped,
-    moved to the lanes that hold them by ``ptx.key_b``. Bias: ``q . offset`` over the warp."""
+    moved to the lanes that hold them by ``ptx.key_b``. Bias: ``q . offset`` over the warp.
+    ``sc``: ``(ks, kl)`` as ``_scale_loads`` gives them."""
+    ks, kl = sc
     x = qx4 * ks.to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax < 2**(ex + 1)
@@ -139,6 +141,19 @@ def _key_operands(q4, qx4, ks, kl):
     b0, b1, b2, b3, b4, b5, b6, b7 = ptx.key_b(w0 ^ flip, w1 ^ flip, w2 ^ flip)
     bias = tl.sum(tl.sum(q4 * kl.to(tl.float32), axis=1), axis=0)
     return _join4(b0, b1, b2, b3), _join4(b4, b5, b6, b7), down, bias
+
+
+@triton.jit
+def _step_key_words(tile, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                    KBITS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, STEP: tl.constexpr):
+    """``_key_words`` of the ``STEP`` tiles from ``tile`` on (a tuple)."""
+    a = _key_words(tile, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, PAGED, PAGE)
+    if STEP == 1:
+        r = (a,)
+    else:
+        r = (a, _key_words(tile + 1, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS,
+                           PAGED, PAGE))
+    return r
 
 
 @triton.jit
@@ -178,6 +193,21 @@ def _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tb
         sv = tl.load(vs_ptr + vs_off + gs[:, :, None], mask=ok[:, :, None], other=0.0)
         lv = tl.load(vl_ptr + vs_off + gl[:, :, None], mask=ok[:, :, None], other=0.0)
     return v00, v01, v02, v03, v10, v11, v12, v13, sv, lv
+
+
+@triton.jit
+def _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h,
+                      svc_t, svs_b, svs_h, svs_t, VBITS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                      SCONTIG: tl.constexpr, STEP: tl.constexpr):
+    """``_value_loads`` of the ``STEP`` tiles from ``tile`` on (a tuple of their tuples)."""
+    a = _value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h,
+                     svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
+    if STEP == 1:
+        r = (a,)
+    else:
+        r = (a, _value_loads(tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b,
+                             svc_h, svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG))
+    return r
 
 
 @triton.jit
@@ -291,9 +321,12 @@ def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
 
 
 @triton.jit
-def _scores(n0, kb01, kb23, e, bias, k0, k1, k2, k3, end, qpos, g, t, wk0, wk1, KBITS: tl.constexpr):
+def _scores(n0, ko, kw, end, qpos, g, t, wk0, wk1, KBITS: tl.constexpr):
     """Base-2 scores [32, 4] of the 32-token tile at ``n0`` in lanes t = 0 (tokens ``4g + e``), -inf
-    elsewhere and past ``end`` or ``qpos``, from its key B registers, ``2**-e``, bias and key words."""
+    elsewhere and past ``end`` or ``qpos``, from its key group's ``_key_operands`` ``ko`` and its
+    key words ``kw``."""
+    kb01, kb23, e, bias = ko
+    k0, k1, k2, k3 = kw
     d0, d1, d2, d3 = _key_d(k0, k1, k2, k3, kb01, kb23, KBITS)
     # columns 2t, 2t + 1 of rows g (d0, d1) and g + 8 (d2, d3) as floats, limbs weighted
     x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
@@ -305,61 +338,73 @@ def _scores(n0, kb01, kb23, e, bias, k0, k1, k2, k3, end, qpos, g, t, wk0, wk1, 
 
 
 @triton.jit
-def _tile_step(n0, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
-               j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw,
-               m_ref, l_p, c0, c1, c2, c3, acc_lo, since,
-               end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1, f_lane, sel, o_row, KBITS: tl.constexpr,
-               VBITS: tl.constexpr, PAIR: tl.constexpr):
-    """One step's scores, softmax step and value product on the loads of ``_key_words`` and
-    ``_value_loads``; returns the new state. A step is the 32-token tile at
-    ``n0``, and with ``PAIR`` also the next one (key words ``j``, value words ``w``, value scales
-    ``sw`` and offsets ``lw``; its key group is the same), under one softmax reference.
+def _value_product(vw, op, c, VBITS: tl.constexpr):
+    """The int32 accumulators ``c`` (4 x [32, 8]) plus one tile's value product: its value words
+    (``_value_loads``) times its B registers (``_value_operands``)."""
+    v00, v01, v02, v03, v10, v11, v12, v13, _, _ = vw
+    a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
+    a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
+    c0, c1, c2, c3 = c
+    return ptx.mma_values(a0, a1, a2, a3, op[0][:, None], op[1][:, None], c0, c1, c2, c3)
+
+
+@triton.jit
+def _step_scores(n0, ko, kw, end, qpos, g, t, wk0, wk1, KBITS: tl.constexpr, STEP: tl.constexpr):
+    """The scores of the ``STEP`` tiles from token ``n0`` (``_scores``, a tuple) and their maximum,
+    last, from the key words of ``_step_key_words`` (``kw``) and the key operands ``ko`` of their
+    key group."""
+    s0 = _scores(n0, ko, kw[0], end, qpos, g, t, wk0, wk1, KBITS)
+    s_hi = tl.max(tl.max(s0, axis=1), axis=0)
+    if STEP == 1:
+        r = (s0, s_hi)
+    else:
+        s1 = _scores(n0 + 32, ko, kw[1], end, qpos, g, t, wk0, wk1, KBITS)
+        r = (s0, s1, tl.maximum(s_hi, tl.max(tl.max(s1, axis=1), axis=0)))
+    return r
+
+
+@triton.jit
+def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_lane, sel, o_row,
+                 VBITS: tl.constexpr, STEP: tl.constexpr):
+    """A loop step's softmax step (one for its tiles: the reference's move, a fold if it moves) and
+    value products, from its scores (``_step_scores``) and value loads (``_step_value_loads``);
+    returns the new state.
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
     ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
-    s = _scores(n0, kb01, kb23, e, bias, k0, k1, k2, k3, end, qpos, g, t, wk0, wk1, KBITS)
-    s_hi = tl.max(tl.max(s, axis=1), axis=0)
-    if PAIR:
-        s2 = _scores(n0 + 32, kb01, kb23, e, bias, j0, j1, j2, j3, end, qpos, g, t, wk0, wk1, KBITS)
-        s_hi = tl.maximum(s_hi, tl.max(tl.max(s2, axis=1), axis=0))
-
-    # ---- the value operand on the current reference, before knowing whether it moves (it rarely
+    s0 = s[0]
+    s_hi = s[STEP]
+    # ---- the value operands on the current reference, before knowing whether it moves (it rarely
     # does): the score maximum's lane reduction then overlaps this work instead of preceding it
-    bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
-    if PAIR:
-        bw0, bw1, p_sum2, lo_sum2 = _value_operands(s2, m_ref, sw, lw, f_lane, sel)
+    op0 = _value_operands(s0, m_ref, vw[0][8], vw[0][9], f_lane, sel)
+    if STEP == 2:
+        op1 = _value_operands(s[1], m_ref, vw[1][8], vw[1][9], f_lane, sel)
     # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
     grow = s_hi > m_ref + _TAU
     if grow | (since >= _FLUSH_TILES):
         m_new = tl.where(grow, s_hi, m_ref)
         alpha = tl.math.exp2(m_ref - m_new)
+        c0, c1, c2, c3 = c
         f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
         tl.store(o_row, (tl.load(o_row, mask=t == 0) + f0) * alpha, mask=t == 0)
         tl.store(o_row + 1, (tl.load(o_row + 1, mask=t == 0) + f1) * alpha, mask=t == 0)
-        c0 = tl.zeros([32, 8], tl.int32)
-        c1 = tl.zeros([32, 8], tl.int32)
-        c2 = tl.zeros([32, 8], tl.int32)
-        c3 = tl.zeros([32, 8], tl.int32)
+        zero = tl.zeros([32, 8], tl.int32)
+        c = (zero, zero, zero, zero)
         acc_lo = acc_lo * alpha
         l_p = l_p * alpha
         m_ref = m_new
         since = 0
-        bv0, bv1, p_sum, lo_sum = _value_operands(s, m_ref, sv, lv, f_lane, sel)
-        if PAIR:
-            bw0, bw1, p_sum2, lo_sum2 = _value_operands(s2, m_ref, sw, lw, f_lane, sel)
-    l_p += p_sum
-    acc_lo += lo_sum
-    a0, a1 = _value_regs(v00, v01, v02, v03, VBITS)
-    a2, a3 = _value_regs(v10, v11, v12, v13, VBITS)
-    c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bv0[:, None], bv1[:, None], c0, c1, c2, c3)
-    if PAIR:
-        l_p += p_sum2
-        acc_lo += lo_sum2
-        a0, a1 = _value_regs(w00, w01, w02, w03, VBITS)
-        a2, a3 = _value_regs(w10, w11, w12, w13, VBITS)
-        c0, c1, c2, c3 = ptx.mma_values(a0, a1, a2, a3, bw0[:, None], bw1[:, None], c0, c1, c2, c3)
-        since += 1
-    return m_ref, l_p, c0, c1, c2, c3, acc_lo, since + 1
+        op0 = _value_operands(s0, m_ref, vw[0][8], vw[0][9], f_lane, sel)
+        if STEP == 2:
+            op1 = _value_operands(s[1], m_ref, vw[1][8], vw[1][9], f_lane, sel)
+    l_p += op0[2]
+    acc_lo += op0[3]
+    c = _value_product(vw[0], op0, c, VBITS)
+    if STEP == 2:
+        l_p += op1[2]
+        acc_lo += op1[3]
+        c = _value_product(vw[1], op1, c, VBITS)
+    return m_ref, l_p, c, acc_lo, since + STEP
 
 
 @triton.jit
@@ -388,7 +433,7 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
                    len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, SCONTIG: tl.constexpr, PAIR: tl.constexpr, L2AHEAD: tl.constexpr):
+                   PAGE: tl.constexpr, SCONTIG: tl.constexpr, STEP: tl.constexpr, L2AHEAD: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -437,19 +482,15 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
 
     m_ref = tl.max(tl.full([32], -1.0e30, tl.float32), axis=0)
     l_p = tl.zeros([32, 1], tl.float32)
-    c0 = tl.zeros([32, 8], tl.int32)
-    c1 = tl.zeros([32, 8], tl.int32)
-    c2 = tl.zeros([32, 8], tl.int32)
-    c3 = tl.zeros([32, 8], tl.int32)
+    zero = tl.zeros([32, 8], tl.int32)
+    c = (zero, zero, zero, zero)
     acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
     # The next step's key words, and its key operands from scales loaded a step before, are made
-    # an iteration ahead, so that the key product waits for no load. PAIR: two tiles per step,
-    # one softmax step for both (twice the bytes in flight per warp; key groups of 64 or more,
-    # splits of an even number of tiles)
-    STEP: tl.constexpr = 2 if PAIR else 1
-    if PAIR:
-        tl.static_assert(GK >= 64, "tile pairs take key groups of 64 or more")
+    # an iteration ahead, so that the key product waits for no load. STEP 2: two tiles per step
+    # under one softmax step (twice the bytes in flight per warp; key groups of 64 or more, splits
+    # of an even number of tiles)
+    tl.static_assert(STEP == 1 or GK >= 64, "two tiles per step take key groups of 64 or more")
     if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
         kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
     else:  # 32t + 8s + 4hh + i
@@ -459,16 +500,12 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
     else:
         qx4 = q4
-    ks_n, kl_n = _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
-                              PAGED, PAGE)
-    kb01, kb23, e, bias = _key_operands(q4, qx4, ks_n, kl_n)
-    k0, k1, k2, k3 = _key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-                                KBITS, PAGED, PAGE)
-    ks_n, kl_n = _scale_loads(t_lo + STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
-                              PAGED, PAGE)
-    if PAIR:
-        j0, j1, j2, j3 = _key_words(t_lo + 1, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-                                    KBITS, PAGED, PAGE)
+    ko = _key_operands(q4, qx4, _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h,
+                                             sks_t, GK, PAGED, PAGE))
+    kw = _step_key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, PAGED,
+                         PAGE, STEP)
+    sc = _scale_loads(t_lo + STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
+                      PAGE)
     # L2AHEAD: the tiles of the step that many steps ahead are brought into L2 by the TMA unit
     # while this one is loaded into registers: more bytes on their way than registers hold
     for a in tl.static_range(1, L2AHEAD):
@@ -478,33 +515,21 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         if L2AHEAD:
             _l2_tiles(tile + L2AHEAD * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
                       svc_b, svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
-        v00, v01, v02, v03, v10, v11, v12, v13, sv, lv = _value_loads(
-            tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
-            svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
-        if PAIR:
-            w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = _value_loads(
-                tile + 1, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b, svc_h, svc_t,
-                svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG)
-            nj0, nj1, nj2, nj3 = _key_words(tile + 3, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
-                                            skc_h, skc_t, KBITS, PAGED, PAGE)
-        else:  # unused
-            j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw = (
-                k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv)
-        nk0, nk1, nk2, nk3 = _key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b,
-                                        skc_h, skc_t, KBITS, PAGED, PAGE)
-        nkb01, nkb23, ne, nbias = _key_operands(q4, qx4, ks_n, kl_n)
-        ks_n, kl_n = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b,
-                                  sks_h, sks_t, GK, PAGED, PAGE)
-        m_ref, l_p, c0, c1, c2, c3, acc_lo, since = _tile_step(
-            tile * 32, kb01, kb23, e, bias, k0, k1, k2, k3, v00, v01, v02, v03, v10, v11, v12, v13, sv, lv,
-            j0, j1, j2, j3, w00, w01, w02, w03, w10, w11, w12, w13, sw, lw,
-            m_ref, l_p, c0, c1, c2, c3, acc_lo, since, end, qpos, g, t, wk0, wk1, wv0, wv1, inv_f, h1,
-            f_lane, sel, o_row, KBITS, VBITS, PAIR)
-        kb01, kb23, e, bias, k0, k1, k2, k3 = nkb01, nkb23, ne, nbias, nk0, nk1, nk2, nk3
-        if PAIR:
-            j0, j1, j2, j3 = nj0, nj1, nj2, nj3
+        vw = _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b,
+                               svc_h, svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG, STEP)
+        nkw = _step_key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                              KBITS, PAGED, PAGE, STEP)
+        nko = _key_operands(q4, qx4, sc)
+        sc = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
+                          PAGED, PAGE)
+        s = _step_scores(tile * 32, ko, kw, end, qpos, g, t, wk0, wk1, KBITS, STEP)
+        m_ref, l_p, c, acc_lo, since = _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1,
+                                                    f_lane, sel, o_row, VBITS, STEP)
+        ko = nko
+        kw = nkw
 
     # ---- this split's partial result
+    c0, c1, c2, c3 = c
     f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
     lo = ptx.bfly(ptx.bfly(acc_lo, 1), 2)  # [32, 1]: group gl's offsets, over the 4 lanes' tokens
     tl.store(m_ptr + ps_idx * M + rq, m_ref)
@@ -529,29 +554,31 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           pair: bool = False, l2_ahead: int = 0) -> None:
+           step: int = 1, l2_ahead: int = 0) -> None:
     """Run the decode kernel for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
     ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
-    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``pair``: two
-    tiles per loop step (with key groups of 64 or more; splits of an odd number of tiles grow by
-    one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the loop step that
-    many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous along the tokens
-    and 16-byte aligned).
+    group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``step``: 32-token
+    tiles per loop step, 1 or 2 (2 with key groups of 64 or more, else 1; splits of an odd number
+    of tiles grow by one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the
+    loop step that many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous
+    along the tokens and 16-byte aligned).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
     tbl, lens, stbl, page, paged = table
     rows = q2.shape[0] * m_rows
-    pair = pair and gk >= 64
-    tiles_per_split += pair and tiles_per_split % 2
+    if step not in (1, 2):
+        raise ValueError(f"step must be 1 or 2 tiles per loop step, got {step!r}")
+    step = step if gk >= 64 else 1
+    tiles_per_split += -tiles_per_split % step
     l2_ahead = l2_ahead if _l2_ready(kside, vside) else 0
     _decode_kernel[(rows, n_splits)](
         q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
         T, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, SCONTIG=svs[2] == 2, PAIR=pair, L2AHEAD=l2_ahead, num_warps=1, num_stages=1)
+        PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, num_warps=1, num_stages=1)
 
 
 def _l2_ready(kside: tuple, vside: tuple) -> bool:
