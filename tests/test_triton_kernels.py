@@ -319,18 +319,18 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
                                rtol=TOL[torch.float16])
 
 
-@pytest.mark.parametrize("pair,l2", [(False, 0), (False, 2), (True, 0), (True, 2)])
+@pytest.mark.parametrize("step,l2", [(1, 0), (1, 2), (2, 0), (2, 2)])
 @pytest.mark.parametrize("kbits,vbits,g,pps", [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)])
-def test_imma_pairs_and_l2_prefetch(rng, monkeypatch, pair, l2, kbits, vbits, g, pps):
-    """One tile per loop step or two (``CONFIG["imma_pair"]``; key groups of 32 fall back to
+def test_imma_steps_and_l2_prefetch(rng, monkeypatch, step, l2, kbits, vbits, g, pps):
+    """One or two tiles per loop step (``CONFIG["imma_step"]``; key groups of 32 fall back to
     one): one split per sequence
     (``pps`` 1: group boundaries inside the loop) or several (5: splits that start inside a key
-    group, and with pairs splits of an odd number of tiles, made even, so that some are empty);
+    group, and splits whose tile count is rounded up to a multiple of the step, so that some are empty);
     without and with the L2 bulk prefetch two steps ahead (``CONFIG["imma_l2_ahead"]``, past the
     split's and the sequence's end too)."""
     calls = _imma_calls(monkeypatch)
     monkeypatch.setitem(da.CONFIG, "imma_l2_ahead", {4: l2, 8: l2})
-    monkeypatch.setitem(da.CONFIG, "imma_pair", {4: pair, 8: pair})
+    monkeypatch.setitem(da.CONFIG, "imma_step", {4: step, 8: step})
     monkeypatch.setitem(da.CONFIG, "programs_per_sm", pps)
     blocks = 2 if pps == 1 else 1
     segs = _cache(rng, 2, 2, g * (3 if DEVICE == "cpu" else 13), 37, 128, kbits, vbits, g, torch.float16,
@@ -382,10 +382,12 @@ def test_imma_strided_layouts(rng, monkeypatch, layout, which, kbits, vbits):
 
 
 @pytest.mark.parametrize("flush_tiles", [1024, 2])
-def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
+@pytest.mark.parametrize("step", [1, 2])
+def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, step):
     """Scores that climb along the sequence (the softmax reference moves and the integer value
     sums fold many times), a few tokens far above the rest, value scales that differ by 1000x
-    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path)."""
+    between tokens; and, with 2, the fold forced every second tile (the overflow guard's path:
+    with two tiles per step, at every step). One tile per step (key groups of 32) or two (64)."""
     import triton.language as tl
 
     from lmcache.backends.torch.triton import decode_imma
@@ -395,14 +397,15 @@ def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
         if DEVICE != "cpu":
             pytest.skip("the fold interval is a compile-time constant: patched under the interpreter only")
         monkeypatch.setattr(decode_imma, "_FLUSH_TILES", tl.constexpr(flush_tiles))
-    n = 352
+    monkeypatch.setitem(da.CONFIG, "imma_step", {4: step, 8: step})
+    n = 352 if step == 1 else 384
     q = torch.from_numpy(rng.standard_normal((1, 2, 1, 128)).astype(np.float32))
     k = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
     k += torch.linspace(0, 6, n + 3)[None, None, :, None] * q[:, :, :, :] / q.norm(dim=-1, keepdim=True)
     k[:, :, 200] += 4 * q[:, :, 0]
     v = torch.from_numpy(rng.standard_normal((1, 2, n + 3, 128)).astype(np.float32))
     v[:, :, ::7] *= 1000.0
-    ks, vs = QuantSpec(4, 32, -2), QuantSpec(8, 64, -1)
+    ks, vs = QuantSpec(4, 32 if step == 1 else 64, -2), QuantSpec(8, 64, -1)
     kh, vh = k.half().to(DEVICE), v.half().to(DEVICE)
     segs = [(QuantBlock(*quantize(kh[:, :, :n], ks), ks), QuantBlock(*quantize(vh[:, :, :n], vs), vs)),
             (kh[:, :, n:], vh[:, :, n:])]
@@ -413,9 +416,10 @@ def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles):
     np.testing.assert_allclose(out.float().cpu().numpy(), ref, atol=5e-3 * np.abs(ref).max(), rtol=5e-3)
 
 
-@pytest.mark.parametrize("n_splits", [5, 300])
+@pytest.mark.parametrize("n_splits", [5, 64, 65, 300, 5000])
 def test_split_combine_matches_torch(n_splits):
-    """The merge of split partials (the combine kernel for few splits, torch ops for many)."""
+    """The merge of split partials: one program per row up to 64 splits, above it chunks of 32
+    merged first (one level at 65 and 300, two at 5000)."""
     g = torch.Generator().manual_seed(n_splits)
     part = da._Partials(n_splits, 3, 2, 64, DEVICE)
     part.o.copy_(torch.randn(part.o.shape, generator=g))

@@ -97,12 +97,13 @@ CONFIG = {
     # key scales every step (4-bit 0.854 ms, one tile per step) rather than by a pre-kernel through
     # memory (0.920) or once per key group (0.872).
     "imma": True,
-    # decode_imma's 32-token tiles two per loop step under one softmax step, by the wider side's
-    # bits (with key groups of 64 or more): twice the bytes in flight per warp
-    # at 238 (4-bit) / 255 registers. Same run, 64 programs per SM: 4-bit 0.819 ms (one tile per
-    # step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were slower
-    # (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills).
-    "imma_pair": {4: True, 8: True},
+    # decode_imma's 32-token tiles per loop step under one softmax step (1 or 2), by the wider
+    # side's bits (2 with key groups of 64 or more): more bytes in flight per warp. Two
+    # (238 registers at 4-bit / 255 at 8-bit), same run, 64 programs per SM: 4-bit 0.819 ms (one
+    # tile per step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were
+    # slower (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills). Four tiles per step (eighth session)
+    # spill at 255 registers: 4-bit 1.18-1.22 ms against 0.812 (bench/NOTES-decode-kernels.md).
+    "imma_step": {4: 2, 8: 2},
     # decode_imma on sm_90: the tiles of the loop step this many steps ahead brought into L2 by
     # one bulk prefetch per tile and side (0: none). One H200, one process, three runs: 4-bit
     # 0.811 / 0.811 / 0.818 ms at 1 against 0.820 / 0.819 / 0.832 at 0; 2: 0.839, 4: 1.07 (what is
@@ -721,19 +722,23 @@ def _side_arrays(x, bits_out: list, words: bool):
 
 
 @triton.jit
-def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, rows, D: tl.constexpr, BS: tl.constexpr):
-    # One program: one query row of one (sequence, KV head). Every split's partial output
-    # reweighted to the running max over splits (BS at a time) and normalised, written in the
-    # output dtype: one launch instead of eight torch operations, which at batch 1 cost more
-    # than the attention.
+def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, mo_ptr, lo_ptr, n_splits, rows, chunk, D: tl.constexpr,
+                    BS: tl.constexpr, FINAL: tl.constexpr):
+    # One program: one query row of one (sequence, KV head), splits chunk * c .. chunk * c + c - 1
+    # (c = ``chunk``, program axis 1). Every split's partial output reweighted to the running max
+    # over splits (BS at a time); FINAL: normalised and written in the output dtype, else written
+    # as one partial (output, max, denominator) of a smaller merge. One or two launches instead of
+    # eight torch operations, which at batch 1 cost more than the attention.
     row = tl.program_id(0)
+    first = tl.program_id(1) * chunk
+    stop = tl.minimum(first + chunk, n_splits)
     sp = tl.arange(0, BS)
     d = tl.arange(0, D)
     m_run = tl.max(tl.full([BS], -1.0e30, tl.float32), axis=0)
     den = tl.sum(tl.zeros([BS], tl.float32), axis=0)
     acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, n_splits, BS):
-        ok = s0 + sp < n_splits
+    for s0 in range(first, stop, BS):
+        ok = s0 + sp < stop
         m = tl.load(m_ptr + (s0 + sp) * rows + row, mask=ok, other=-1.0e30)
         m_new = tl.maximum(m_run, tl.max(m, axis=0))
         alpha = tl.math.exp2(m_run - m_new)
@@ -742,13 +747,21 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, rows, D: tl.constexp
         o = tl.load(o_ptr + ((s0 + sp) * rows + row)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
         m_run = m_new
-    tl.store(out_ptr + row * D + d, (acc / den).to(out_ptr.dtype.element_ty))
+    if FINAL:
+        tl.store(out_ptr + row * D + d, (acc / den).to(out_ptr.dtype.element_ty))
+    else:
+        at = tl.program_id(1) * rows + row
+        tl.store(out_ptr + at * D + d, acc)
+        tl.store(mo_ptr + at, m_run)
+        tl.store(lo_ptr + at, den)
 
 
-# Above this many splits the combine runs as torch operations: one H200, batch 1, 40 heads:
-# the kernel 0.33 ms for the whole decode at 4K (32 splits) and 0.36 ms at 32K (105 splits)
-# against 0.47 and 0.58 with torch; at 128K (422 splits, 40 programs) 0.85 ms against 0.60.
-_COMBINE_KERNEL_MAX_SPLITS = 128
+# Up to this many splits one program per row merges them all; above it, programs over chunks of
+# _COMBINE_CHUNK splits merge them into one partial each first (bench/combine_splits.py, one
+# H200, 40 rows, GPU us: one program per row 9.8 / 32.1 / 39.0 / 135.4 at 19 / 105 / 131 / 515
+# splits, chunked 9.7 / 26.3 / 17.5 / 18.9, eight torch operations 47-52 at every count).
+_COMBINE_KERNEL_MAX_SPLITS = 64
+_COMBINE_CHUNK = 32
 
 
 class _Partials:
@@ -762,12 +775,16 @@ class _Partials:
     def combine(self, dtype: torch.dtype) -> torch.Tensor:
         """``[bh, M, D]`` in ``dtype``: every split's output reweighted to the global max and normalised."""
         n, bh, m, d = self.o.shape
-        if n > _COMBINE_KERNEL_MAX_SPLITS:
-            w = torch.exp2(self.m - self.m.amax(dim=0))
-            return ((self.o * w[..., None]).sum(dim=0) / (self.l * w).sum(dim=0)[..., None]).to(dtype)
+        part = self
+        while n > _COMBINE_KERNEL_MAX_SPLITS:
+            chunks = triton.cdiv(n, _COMBINE_CHUNK)
+            fewer = _Partials(chunks, bh, m, d, self.o.device)
+            _combine_kernel[(bh * m, chunks)](part.o, part.m, part.l, fewer.o, fewer.m, fewer.l, n, bh * m,
+                                              _COMBINE_CHUNK, D=d, BS=16, FINAL=False, num_warps=2)
+            part, n = fewer, chunks
         out = torch.empty((bh, m, d), dtype=dtype, device=self.o.device)
-        _combine_kernel[(bh * m,)](self.o, self.m, self.l, out, n, bh * m, D=d,
-                                   BS=min(16, triton.next_power_of_2(n)), num_warps=2)
+        _combine_kernel[(bh * m, 1)](part.o, part.m, part.l, out, out, out, n, bh * m, n, D=d,
+                                     BS=min(16, triton.next_power_of_2(n)), FINAL=True, num_warps=2)
         return out
 
 
@@ -794,7 +811,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
         wide = max(kb[0][0], vb[0][0])
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_pair"][wide],
+                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_step"][wide],
                            CONFIG["imma_l2_ahead"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
