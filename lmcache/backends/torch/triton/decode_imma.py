@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ...base import QuantBlock
-from . import ptx
+from . import capability, ptx
 from .decode_attention import _row_program, _tile_bases
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -57,7 +57,7 @@ def supported(side_k, side_v, device: torch.device, page: int | None = None) -> 
     if not (isinstance(side_k, QuantBlock) and isinstance(side_v, QuantBlock)):
         return False
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interp and (device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8):
+    if not interp and (device.type != "cuda" or torch.version.hip or capability(device)[0] < 8):
         return False
     ks, vs = side_k.spec, side_v.spec
     gk = ks.group_size
@@ -585,7 +585,7 @@ def _l2_ready(kside: tuple, vside: tuple) -> bool:
     """Whether ``_l2_tiles`` can take these sides: an sm_90 device (the bulk prefetch), each token's
     code row right after the previous one, rows and value scales 16-byte aligned."""
     kc, vc, vs = kside[0], vside[0], vside[2]
-    if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(kc.device)[0] < 9:
+    if os.environ.get("TRITON_INTERPRET") != "1" and capability(kc.device)[0] < 9:
         return False
     ok = all(x.data_ptr() % 16 == 0 for x in (kc, vc, vs))
     for codes, (sb, sh, st) in ((kc, kside[3]), (vc, vside[3])):

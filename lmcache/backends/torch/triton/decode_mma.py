@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ...base import QuantBlock
+from . import capability
 from .decode_attention import _group_program, _online_softmax, _row_program, _tile_bases
 
 _MAGIC_H2 = 0x64006400  # float16 1024.0 in both halves
@@ -46,7 +47,7 @@ def supported(side_k, side_v, device: torch.device) -> bool:
         return False
     if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if torch.cuda.get_device_capability(device)[0] < 8:
+    if capability(device)[0] < 8:
         return False
     ks, vs = side_k.spec, side_v.spec
     return (ks.bits == 4 and vs.bits == 4 and side_k.codes.shape[-1] == 64 and side_v.codes.shape[-1] == 64
