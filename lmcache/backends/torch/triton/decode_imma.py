@@ -364,6 +364,18 @@ def _step_scores(n0, ko, kw, end, qpos, g, t, wk0, wk1, KBITS: tl.constexpr, STE
 
 
 @triton.jit
+def _step_value_operands(s, m_ref, vw, f_lane, sel, STEP: tl.constexpr):
+    """``_value_operands`` of each tile of a step (a tuple), from its scores (``_step_scores``) and
+    value loads (``_step_value_loads``) against the reference ``m_ref``."""
+    op0 = _value_operands(s[0], m_ref, vw[0][8], vw[0][9], f_lane, sel)
+    if STEP == 1:
+        r = (op0,)
+    else:
+        r = (op0, _value_operands(s[1], m_ref, vw[1][8], vw[1][9], f_lane, sel))
+    return r
+
+
+@triton.jit
 def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_lane, sel, o_row,
                  VBITS: tl.constexpr, STEP: tl.constexpr):
     """A loop step's softmax step (one for its tiles: the reference's move, a fold if it moves) and
@@ -372,13 +384,10 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
     ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
-    s0 = s[0]
     s_hi = s[STEP]
     # ---- the value operands on the current reference, before knowing whether it moves (it rarely
     # does): the score maximum's lane reduction then overlaps this work instead of preceding it
-    op0 = _value_operands(s0, m_ref, vw[0][8], vw[0][9], f_lane, sel)
-    if STEP == 2:
-        op1 = _value_operands(s[1], m_ref, vw[1][8], vw[1][9], f_lane, sel)
+    ops = _step_value_operands(s, m_ref, vw, f_lane, sel, STEP)
     # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
     grow = s_hi > m_ref + _TAU
     if grow | (since >= _FLUSH_TILES):
@@ -394,16 +403,11 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_
         l_p = l_p * alpha
         m_ref = m_new
         since = 0
-        op0 = _value_operands(s0, m_ref, vw[0][8], vw[0][9], f_lane, sel)
-        if STEP == 2:
-            op1 = _value_operands(s[1], m_ref, vw[1][8], vw[1][9], f_lane, sel)
-    l_p += op0[2]
-    acc_lo += op0[3]
-    c = _value_product(vw[0], op0, c, VBITS)
-    if STEP == 2:
-        l_p += op1[2]
-        acc_lo += op1[3]
-        c = _value_product(vw[1], op1, c, VBITS)
+        ops = _step_value_operands(s, m_ref, vw, f_lane, sel, STEP)
+    for i in tl.static_range(STEP):
+        l_p += ops[i][2]
+        acc_lo += ops[i][3]
+        c = _value_product(vw[i], ops[i], c, VBITS)
     return m_ref, l_p, c, acc_lo, since + STEP
 
 
