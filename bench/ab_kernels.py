@@ -62,7 +62,7 @@ def configs_rows(bits: int) -> dict:
 def configs_imma(bits: int) -> dict:
     """decode_imma of an earlier revision (``_old_decode_imma``, if written) against the working
     tree's kernel at several settings: tiles per loop step (``CONFIG["imma_step"]``), the L2 bulk
-    prefetch (``imma_l2_ahead``), programs per SM (64 or 63: whole waves or not)."""
+    prefetch (``imma_l2_ahead``), shared-memory stages (``imma_stages``), programs per SM."""
     import types
 
     import lmcache.backends.torch.triton as pkg
@@ -70,9 +70,11 @@ def configs_imma(bits: int) -> dict:
 
     new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
 
-    def c(step=2, l2=0, pps=None):
+    def c(step=2, l2=0, pps=None, stages=0, maxnreg=0):
         return {"imma": True, "imma_l2_ahead": {**da.CONFIG["imma_l2_ahead"], bits: l2},
                 "imma_step": {**da.CONFIG["imma_step"], bits: step},
+                "imma_stages": {**da.CONFIG["imma_stages"], bits: stages},
+                "imma_maxnreg": {**da.CONFIG["imma_maxnreg"], bits: maxnreg},
                 "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
 
     def swap(mod):
@@ -94,9 +96,14 @@ def configs_imma(bits: int) -> dict:
 
         shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
         cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
-    # (tiles per step, L2 prefetch steps ahead, programs per SM)
-    for step, l2, pps in ((2, 0, 64), (2, 1, 64), (2, 1, 63), (1, 1, 128)):
-        cfgs[f"new step={step} l2={l2} pps={pps}"] = (da.decode_attention, da.CONFIG, c(step, l2, pps), swap(new))
+    # (tiles per step, L2 prefetch steps ahead, programs per SM, shared-memory stages, register cap)
+    grid = [(2, 1 if bits == 4 else 0, 64, 0, 0), (2, 0, 96, 2, 168), (1, 0, 128, 3, 0), (1, 0, 128, 2, 0),
+            (1, 0, 96, 4, 0)]
+    if os.environ.get(f"AB_GRID{bits}"):  # e.g. AB_GRID4="2,0,64,3,0;2,0,72,3,168"
+        grid = [tuple(int(x) for x in item.split(",")) for item in os.environ[f"AB_GRID{bits}"].split(";")]
+    for step, l2, pps, stages, maxnreg in grid:
+        cfgs[f"new step={step} l2={l2} pps={pps} st={stages} reg={maxnreg}"] = (
+            da.decode_attention, da.CONFIG, c(step, l2, pps, stages, maxnreg), swap(new))
     return cfgs
 
 

@@ -41,7 +41,7 @@ ROUNDS = 3  # interleaved timing rounds of SDPA and the kernels at each shape
 # decode_imma settings the sweep tries beyond the defaults, shared by 4- and 8-bit
 SHARED = {"dense_min_tiles": (1, 2), "dense_side_tokens": (0,)}
 # decode_imma settings per width: the sweep's name -> the CONFIG entry ({bits: value})
-IMMA_PER_BITS = {"step": "imma_step", "l2_ahead": "imma_l2_ahead"}
+IMMA_PER_BITS = {"step": "imma_step", "l2_ahead": "imma_l2_ahead", "stages": "imma_stages"}
 
 
 _FLUSH = {}
@@ -142,7 +142,8 @@ def sweep(caches, q, scale) -> dict:
 
     The integer matrix-unit kernel (``decode_imma``, ``CONFIG["imma"]``) takes both widths; it
     runs with one or two tiles per loop step, without and with the L2 bulk prefetch of the next
-    step's tiles, at three programs-per-SM settings; then with the other values of ``SHARED``
+    step's tiles or shared-memory stages, at three programs-per-SM settings; then with the other
+    values of ``SHARED``
     (splits of the float16 residual, no second stream for it). Without it, 4-bit caches use
     ``CONFIG["qrows"]`` (its "mma" entry: the float16 matrix-unit kernel of ``decode_mma``), caches
     with 8-bit codes ``CONFIG["qrows8"]``: each is tried at several tile sizes, warps and prefetch
@@ -196,11 +197,11 @@ def sweep(caches, q, scale) -> dict:
             best[4] = t
             da.CONFIG["programs_per_sm"] = pps
     if use_imma:
-        # (tiles per loop step, L2 prefetch steps ahead, programs per SM): one tile per step at 128
-        # programs per SM, two (fewer, longer programs) at three
-        grid = [(1, 0, 128), (2, 0, 64), (2, 1, 32), (2, 1, 64), (2, 1, 128)] if DEV == "cuda" else [(2, 1, 64)]
-        imma = {bits: min((trial(bits, "imma", {"step": step, "l2_ahead": l2}, pps=pps) for step, l2, pps in grid),
-                          key=lambda t: t["ms"]) for bits in (4, 8)}
+        # (tiles per loop step, L2 prefetch steps ahead, shared-memory stages, programs per SM)
+        grid = ([(1, 0, 3, 128), (1, 0, 2, 128), (1, 0, 2, 96), (1, 0, 0, 128), (2, 1, 0, 64), (2, 0, 0, 64)]
+                if DEV == "cuda" else [(1, 0, 3, 128)])
+        imma = {bits: min((trial(bits, "imma", {"step": step, "l2_ahead": l2, "stages": st}, pps=pps)
+                           for step, l2, st, pps in grid), key=lambda t: t["ms"]) for bits in (4, 8)}
         # settings both widths share: kept when they lower the sum of the two times
         for name, values in SHARED.items() if DEV == "cuda" else ():
             for val in values:

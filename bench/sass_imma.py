@@ -36,7 +36,7 @@ POINTERS = {"kc_ptr": "*i32", "vc_ptr": "*i32", "vs_ptr": "*fp16", "vl_ptr": "*f
             "ks_ptr": "*fp16", "kl_ptr": "*fp16"}
 # integer arguments that are not multiples of 16 in general (the strides are, as the cache allocates them)
 ANY_INT = {"T", "QOFF", "tiles_per_split", "split_base", "Hkv", "M", "L"}
-DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=2, L2AHEAD=0)
+DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=2, L2AHEAD=0, STAGES=0)
 
 
 def compile_variant(const: dict, maxnreg: int | None = None):

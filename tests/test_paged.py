@@ -154,11 +154,12 @@ def test_pages_move_between_tiers(rng):
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("step,l2", [(1, 0), (2, 0), (2, 1)])
-def test_paged_imma_matches_dense(rng, monkeypatch, step, l2):
+@pytest.mark.parametrize("step,l2,stages", [(1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 0, 3)])
+def test_paged_imma_matches_dense(rng, monkeypatch, step, l2, stages):
     """The integer matrix-unit kernel through a block table (head dim 128, pages of 64 tokens,
     a shared first page), one or two tiles per loop step, with the L2 bulk prefetch of the next
-    step's tiles through the block table (``l2``)."""
+    step's tiles through the block table (``l2``) or the tiles copied into shared-memory stages
+    through it (``stages``)."""
     if not KERNEL:
         pytest.skip("the kernel needs a GPU or TRITON_INTERPRET=1")
     require("triton")
@@ -167,7 +168,8 @@ def test_paged_imma_matches_dense(rng, monkeypatch, step, l2):
 
     for key, value in {"rows_max": 1 << 20, "imma": True,
                        "imma_step": {4: step, 8: step}, "programs_per_sm": 1,
-                       "imma_l2_ahead": {4: l2, 8: l2}, "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
+                       "imma_l2_ahead": {4: l2, 8: l2}, "imma_stages": {4: stages, 8: stages},
+                       "rows": {**da.CONFIG["rows"], "qrows": True}}.items():
         monkeypatch.setitem(da.CONFIG, key, value)
     calls = []
     launch = decode_imma.launch

@@ -319,8 +319,29 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
                                rtol=TOL[torch.float16])
 
 
+def _imma_stages(monkeypatch) -> list:
+    """The ``STAGES`` each launch of decode_imma's kernel compiles with, as a list filled by the calls."""
+    from lmcache.backends.torch.triton import decode_imma
+
+    seen = []
+    kernel = decode_imma._decode_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["STAGES"])
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(decode_imma, "_decode_kernel", Recorder())
+    return seen
+
+
+_STEP_CASES = [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)]
+
+
 @pytest.mark.parametrize("step,l2", [(1, 0), (1, 2), (2, 0), (2, 2)])
-@pytest.mark.parametrize("kbits,vbits,g,pps", [(4, 4, 64, 1), (8, 8, 32, 5), (4, 8, 128, 5), (8, 4, 64, 1)])
+@pytest.mark.parametrize("kbits,vbits,g,pps", _STEP_CASES)
 def test_imma_steps_and_l2_prefetch(rng, monkeypatch, step, l2, kbits, vbits, g, pps):
     """One or two tiles per loop step (``CONFIG["imma_step"]``; key groups of 32 fall back to
     one): one split per sequence
@@ -328,9 +349,27 @@ def test_imma_steps_and_l2_prefetch(rng, monkeypatch, step, l2, kbits, vbits, g,
     group, and splits whose tile count is rounded up to a multiple of the step, so that some are empty);
     without and with the L2 bulk prefetch two steps ahead (``CONFIG["imma_l2_ahead"]``, past the
     split's and the sequence's end too)."""
+    _check_imma_steps(rng, monkeypatch, step, l2, 0, kbits, vbits, g, pps)
+
+
+@pytest.mark.parametrize("step,stages", [(1, 3), (2, 2), (2, 4)])
+@pytest.mark.parametrize("kbits,vbits,g,pps", _STEP_CASES)
+def test_imma_shared_memory_stages(rng, monkeypatch, step, stages, kbits, vbits, g, pps):
+    """The tiles read from a ring of shared-memory stages that the TMA unit fills ahead
+    (``CONFIG["imma_stages"]``; fewer stages where that many pass 48 KB: two at 8-bit with two tiles
+    per step; on sm_90 only) and the L2 prefetch beyond them: the cases of
+    ``test_imma_steps_and_l2_prefetch``, stages refilled many times, tiles past the end not copied."""
+    _check_imma_steps(rng, monkeypatch, step, 2, stages, kbits, vbits, g, pps)
+
+
+def _check_imma_steps(rng, monkeypatch, step, l2, stages, kbits, vbits, g, pps):
+    from lmcache.backends.torch.triton import decode_imma
+
     calls = _imma_calls(monkeypatch)
+    compiled = _imma_stages(monkeypatch)
     monkeypatch.setitem(da.CONFIG, "imma_l2_ahead", {4: l2, 8: l2})
     monkeypatch.setitem(da.CONFIG, "imma_step", {4: step, 8: step})
+    monkeypatch.setitem(da.CONFIG, "imma_stages", {4: stages, 8: stages})
     monkeypatch.setitem(da.CONFIG, "programs_per_sm", pps)
     blocks = 2 if pps == 1 else 1
     segs = _cache(rng, 2, 2, g * (3 if DEVICE == "cpu" else 13), 37, 128, kbits, vbits, g, torch.float16,
@@ -338,6 +377,9 @@ def test_imma_steps_and_l2_prefetch(rng, monkeypatch, step, l2, kbits, vbits, g,
     q = torch.from_numpy(rng.standard_normal((2, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert calls == [(kbits, vbits)] * blocks
+    per_step = (2 if g >= 64 else 1) * decode_imma._tile_stage_bytes(kbits, vbits) + 8
+    ready = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    assert compiled == [min(stages, 48 * 1024 // per_step) if ready else 0] * blocks
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
                                rtol=TOL[torch.float16])
 

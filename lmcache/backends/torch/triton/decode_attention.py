@@ -73,9 +73,10 @@ _MIN_TILES_PER_SPLIT = 8
 # tiles; it runs from 3 query rows per KV head (GQA 40/8, 4 query tokens: 3.25 ms, the row
 # kernel 5.0 ms).
 CONFIG = {
-    # 64 since decode_imma runs two tiles per step (its longer programs: 4-bit 0.819 ms at 64,
-    # 0.842 at 128, 0.904 at 256; 8-bit 1.352 / 1.354 / 1.388); the other kernels were tuned at 128
-    "programs_per_sm": 64,
+    # 128: decode_imma with shared-memory stages, one tile per step, 12 resident programs per SM
+    # (4-bit 0.793 ms at 128; 8-bit 1.332, 1.327 at 96). With two tiles per step and no stages it
+    # was best at 64 (4-bit 0.819 ms at 64, 0.842 at 128, 0.904 at 256; 8-bit 1.352 / 1.354 / 1.388).
+    "programs_per_sm": 128,
     "rows_max": 2,  # query rows per KV head up to which the row kernels run
     "rows": {"num_warps": 2, "num_stages": 2, "block_n": 32, "qrows": True},
     # segments quantized on both sides (float16/bfloat16 scales), when "rows" has "qrows";
@@ -103,13 +104,26 @@ CONFIG = {
     # tile per step 0.840), 8-bit 1.352 (1.420). Register caps that allow more programs per SM were
     # slower (4-bit 0.834 at 224, 0.871 at 200; 8-bit spills). Four tiles per step (eighth session)
     # spill at 255 registers: 4-bit 1.18-1.22 ms against 0.812 (bench/NOTES-decode-kernels.md).
-    "imma_step": {4: 2, 8: 2},
+    # With shared-memory stages (below) one tile per step is faster: its 128 and 164 registers
+    # (12 programs per SM) against 168 and 216 with two (ninth session, bench/NOTES-decode-kernels.md).
+    "imma_step": {4: 1, 8: 1},
     # decode_imma on sm_90: the tiles of the loop step this many steps ahead brought into L2 by
     # one bulk prefetch per tile and side (0: none). One H200, one process, three runs: 4-bit
     # 0.811 / 0.811 / 0.818 ms at 1 against 0.820 / 0.819 / 0.832 at 0; 2: 0.839, 4: 1.07 (what is
     # fetched early is evicted before it is read). 8-bit: 1.378 / 1.390 at 1 against 1.355 / 1.383.
     # The evict-first hint or .cg on the loads made it slower (bench/results/decode_imma-ab-*).
-    "imma_l2_ahead": {4: 1, 8: 0},
+    # With the stages below, 0: the prefetch one or two steps beyond them was slower (4-bit 0.825 /
+    # 0.849 ms against 0.818 at 16 resident programs; 8-bit 1.463 / 1.762 against 1.327).
+    "imma_l2_ahead": {4: 0, 8: 0},
+    # decode_imma on sm_90: 0, or the loop reads its tiles from a ring of this many stages in shared
+    # memory that the TMA unit fills (stages - 1 loop steps ahead): bytes on their way wait in
+    # shared memory, not in registers. One H200, one process, batch 16 / 32K, one tile per step:
+    # 4-bit 0.793 ms at 3 stages (163 registers, 12 programs per SM), 0.870 at 2, 0.804 at 4 (96 per
+    # SM), 0.818 at 3 capped to 128 registers (16 per SM); two tiles per step without stages and
+    # with the L2 prefetch 0.823. 8-bit 1.327 at 2 stages against 1.366 (ninth session).
+    "imma_stages": {4: 3, 8: 2},
+    # decode_imma: 0, or a cap on its registers per thread, for more programs per SM.
+    "imma_maxnreg": {4: 0, 8: 0},
     # Quantized tokens (summed over the batch) from which the dense segments of a decode call run on
     # a second stream, beside the quantized ones (0: never).
     "dense_side_tokens": 1 << 17,
@@ -812,7 +826,7 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
         decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
                            split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
                            (tbl, lens, stbl, page, paged is not None), CONFIG["imma_step"][wide],
-                           CONFIG["imma_l2_ahead"][wide])
+                           CONFIG["imma_l2_ahead"][wide], CONFIG["imma_stages"][wide], CONFIG["imma_maxnreg"][wide])
     elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 

@@ -23,7 +23,14 @@ two (``STEP``) per loop step under one softmax step. Lane ``l``: ``g = l // 4``,
   bytes so a register holds four tokens. The int32 accumulators are folded into float32 only
   when the softmax reference moves (it moves when a score passes it by more than ``_TAU``, so p
   stays below ``2**_TAU``) or every ``_FLUSH_TILES`` tiles, against overflow; the float32
-  output waits in the split's partial-output row between folds, not in registers.
+  output waits in the split's partial-output row between folds, not in registers. The fixed
+  point ``F`` follows the largest value scale seen so far (set to twice a step's largest when
+  one passes it, at a fold), so no pass over the split's scales precedes the loop.
+* Loads (sm_90, ``STAGES``): lane 0 has the TMA unit copy whole tiles (key rows, value rows,
+  value scales and offsets) into a ring of shared-memory stages ``STAGES - 1`` steps ahead, each
+  stage with an mbarrier; the warp waits for a stage's phase and reads its words from shared
+  memory. Bytes on their way then take no registers. Elsewhere the next step's key words are
+  loaded into registers an iteration ahead, and the value words at the top of the step.
 
 Only the layout of one config is taken (``supported``): head dim 128, 4- or 8-bit codes on each
 side, value groups of 64, key groups of at least 32, float16/bfloat16 scales.
@@ -231,6 +238,146 @@ def _l2_tiles(tile, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, s
 
 
 @triton.jit
+def _stage_tiles(tile, end, b, h, dst, bar, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
+                 svc_b, svc_h, svc_t, svs_b, svs_h, KBITS: tl.constexpr, VBITS: tl.constexpr, N: tl.constexpr,
+                 PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Lane 0 asks the TMA unit to copy the ``N`` tiles from ``tile`` on (none from ``end`` on)
+    into the shared-memory stage at ``dst``, counted on the stage's barrier ``bar``, which it
+    arrives at. A tile's place in the stage: its key rows, value rows, value scales and value
+    offsets, one after another (``_tile_stage_bytes``); the next tile follows. Rows of codes are
+    contiguous along the tokens, value scales and offsets ``[.., T, 2]`` (``launch`` checks it)."""
+    lane = tl.arange(0, 32)
+    zero = tl.zeros([32], tl.int64)
+    KT: tl.constexpr = 512 * KBITS
+    VT: tl.constexpr = 512 * VBITS
+    TB: tl.constexpr = KT + VT + 256
+    lead = (lane == 0).to(tl.int32)
+    n_in = 0
+    for i in tl.static_range(N):
+        n_in += ((tile + i) * 32 < end).to(tl.int32)
+    ptx.arrive_tx(lead, bar + 0 * lane, n_in * TB + 0 * lane)
+    for i in tl.static_range(N):
+        n0 = (tile + i) * 32
+        on = lead * (n0 < end).to(tl.int32)
+        loc, k_base, _, v_base, vs_base = _tile_bases(tl.minimum(n0, tl.maximum(end - 32, 0)), b, h, tbl_ptr,
+                                                      stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b, svs_h,
+                                                      PAGED, PAGE)
+        d = dst + i * TB + 0 * lane
+        bb = bar + 0 * lane
+        ptx.bulk_copy(on, d, (kc_ptr + k_base + loc * skc_t).to(tl.int64, bitcast=True) + zero, KT + 0 * lane, bb)
+        ptx.bulk_copy(on, d + KT, (vc_ptr + v_base + loc * svc_t).to(tl.int64, bitcast=True) + zero, VT + 0 * lane,
+                      bb)
+        ptx.bulk_copy(on, d + (KT + VT), (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero,
+                      128 + 0 * lane, bb)
+        ptx.bulk_copy(on, d + (KT + VT + 128), (vl_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero,
+                      128 + 0 * lane, bb)
+
+
+@triton.jit
+def _pin(x, ptr, never):
+    """``x`` [32, n], its value unchanged, as the result of a load that never happens (``never``
+    is false at run time, which the compiler cannot know) from ``ptr`` [32, n] (rows of ``n``
+    contiguous elements): loads anchor Triton's layouts, so ``x`` and what is made from it keep
+    one row per lane, as the loads of the unstaged kernel have them, where the shared-memory
+    reads (inline asm) alone leave the layouts to defaults that spread rows over lanes."""
+    N: tl.constexpr = x.shape[1]
+    return tl.load(ptr + tl.arange(0, 32)[:, None] * N + tl.arange(0, N)[None, :], mask=never, other=x)
+
+
+@triton.jit
+def _staged_key_words(src, tok, kc_ptr, never, KBITS: tl.constexpr):
+    """``_key_words`` of the tile at shared address ``src`` (its key rows first, 16 * KBITS bytes
+    each: ``_stage_tiles``), read after ``tok`` (``ptx.wait``); ``kc_ptr``, ``never``: ``_pin``'s."""
+    lane = tl.arange(0, 32)
+    row = 16 * KBITS
+    a = src + 4 * (lane // 4) * row + 4 * KBITS * (lane % 4)  # token 4g, words KBITS * t on
+    k0 = _staged_words(tok, a, kc_ptr, never, KBITS)
+    k1 = _staged_words(tok, a + row, kc_ptr, never, KBITS)
+    k2 = _staged_words(tok, a + 2 * row, kc_ptr, never, KBITS)
+    k3 = _staged_words(tok, a + 3 * row, kc_ptr, never, KBITS)
+    return k0, k1, k2, k3
+
+
+@triton.jit
+def _staged_words(tok, a, ptr, never, KBITS: tl.constexpr):
+    """Words 0-3 (4-bit: [32, 4]) or 0-7 (8-bit: [32, 4, 2] as ``_load8``) at shared address ``a``."""
+    w = ptx.lds128(tok, a)
+    x = _pin(_join4(w[0], w[1], w[2], w[3]), ptr, never)
+    if KBITS == 8:
+        v = ptx.lds128(tok, a + 16)
+        x = tl.join(x, _pin(_join4(v[0], v[1], v[2], v[3]), ptr, never))
+    return x
+
+
+@triton.jit
+def _staged_value_loads(src, tok, ok, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS: tl.constexpr,
+                        VBITS: tl.constexpr):
+    """``_value_loads`` of the tile at shared address ``src`` (``_stage_tiles``: key rows, value
+    rows, value scales and offsets), read after ``tok``; scales and offsets of a tile past the
+    end (``ok`` false: its stage holds stale bytes) are 0, as the loads' masks make them.
+    ``vc_ptr``, ``q_ptr`` (int32 and float32 rows) and ``never``: ``_pin``'s."""
+    lane = tl.arange(0, 32)
+    g = lane // 4
+    t = lane % 4
+    row = 16 * VBITS
+    v = src + 512 * KBITS
+    a = v + 4 * t * row + 2 * VBITS * g  # the dimensions 16g .. 16g + 15 of token 4t
+    v00 = _staged_value_words(tok, a, vc_ptr, never, VBITS)
+    v01 = _staged_value_words(tok, a + row, vc_ptr, never, VBITS)
+    v02 = _staged_value_words(tok, a + 2 * row, vc_ptr, never, VBITS)
+    v03 = _staged_value_words(tok, a + 3 * row, vc_ptr, never, VBITS)
+    v10 = _staged_value_words(tok, a + 16 * row, vc_ptr, never, VBITS)
+    v11 = _staged_value_words(tok, a + 17 * row, vc_ptr, never, VBITS)
+    v12 = _staged_value_words(tok, a + 18 * row, vc_ptr, never, VBITS)
+    v13 = _staged_value_words(tok, a + 19 * row, vc_ptr, never, VBITS)
+    s = v + 512 * VBITS + 16 * t  # tokens 4t .. 4t + 3: a word each, (group 0, group 1) halves
+    sv = tl.join(_pin(_staged_group(tok, s, gs, vs_ptr), q_ptr, never),
+                 _pin(_staged_group(tok, s + 64, gs, vs_ptr), q_ptr, never))
+    lv = tl.join(_pin(_staged_group(tok, s + 128, gl, vs_ptr), q_ptr, never),
+                 _pin(_staged_group(tok, s + 192, gl, vs_ptr), q_ptr, never))
+    return v00, v01, v02, v03, v10, v11, v12, v13, tl.where(ok, sv, 0.0), tl.where(ok, lv, 0.0)
+
+
+@triton.jit
+def _staged_value_words(tok, a, ptr, never, VBITS: tl.constexpr):
+    """A lane's value words of one token at shared address ``a``: [32, 2] (4-bit) or [32, 4]."""
+    if VBITS == 4:
+        x = ptx.lds64(tok, a)
+        w = _pin(tl.join(x[0], x[1]), ptr, never)
+    else:
+        w = _staged_words(tok, a, ptr, never, 4)
+    return w
+
+
+@triton.jit
+def _staged_group(tok, a, grp, vs_ptr):
+    """Value group ``grp`` [32, 1] of the four tokens' (group 0, group 1) scale pairs at shared
+    address ``a``: float32 [32, 4], of the dtype of ``vs_ptr``'s elements."""
+    w = ptx.lds128(tok, a)
+    x = _join4(w[0], w[1], w[2], w[3])
+    bits = tl.where(grp == 0, x, x >> 16) & 0xFFFF
+    return bits.to(tl.int16).to(vs_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _staged_step(src, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, never, KBITS: tl.constexpr,
+                 VBITS: tl.constexpr, STEP: tl.constexpr):
+    """The key words (as ``_step_key_words``) and value loads (as ``_step_value_loads``) of the
+    ``STEP`` tiles from ``tile`` on, from their stage at shared address ``src``."""
+    TB: tl.constexpr = 512 * KBITS + 512 * VBITS + 256
+    kw0 = _staged_key_words(src, tok, kc_ptr, never, KBITS)
+    vw0 = _staged_value_loads(src, tok, tile * 32 < end, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS, VBITS)
+    if STEP == 1:
+        r = ((kw0,), (vw0,))
+    else:
+        kw1 = _staged_key_words(src + TB, tok, kc_ptr, never, KBITS)
+        vw1 = _staged_value_loads(src + TB, tok, (tile + 1) * 32 < end, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS,
+                                  VBITS)
+        r = ((kw0, kw1), (vw0, vw1))
+    return r
+
+
+@triton.jit
 def _pick_group(x0, x1, grp):
     """Value group ``grp`` [32, 1] of four tokens' (group 0, group 1) pairs, [32, 8] for Q = 0
     (``x0``) and 1 (``x1``): [32, 4 (i), 2 (Q)]."""
@@ -311,10 +458,15 @@ def _value_regs(w0, w1, w2, w3, VBITS: tl.constexpr):
 
 
 @triton.jit
-def _fold(c0, c1, c2, c3, w0, w1, h0, h1):
-    """int32 value accumulators (the D fragment, [32, 8] each) -> float32 [32, 8] of half 0 and 1:
-    the lane's columns weighted (``w0``/``w1``: columns ``2t``/``2t + 1``, times ``h0``/``h1`` per
-    half), summed over the 4 lanes of the group."""
+def _fold(c0, c1, c2, c3, w0, w1, f, VBITS: tl.constexpr):
+    """int32 value accumulators (the D fragment, [32, 8] each) at fixed point ``f`` -> float32
+    [32, 8] of half 0 and 1: the lane's columns weighted (``w0``/``w1``: columns ``2t``/``2t + 1``,
+    times ``1 / f``, and 1/16 for the high nibbles' half at 4-bit), summed over the 4 lanes of the group."""
+    h0 = tl.where(f > 0, 1.0 / f, 0.0)
+    if VBITS == 4:  # rows g + 8 hold high nibbles: 16 * code
+        h1 = 0.0625 * h0
+    else:
+        h1 = h0
     x0 = c0.to(tl.float32) * (w0 * h0) + c1.to(tl.float32) * (w1 * h0)
     x1 = c2.to(tl.float32) * (w0 * h1) + c3.to(tl.float32) * (w1 * h1)
     return ptx.bfly(ptx.bfly(x0, 1), 2), ptx.bfly(ptx.bfly(x1, 1), 2)
@@ -376,25 +528,37 @@ def _step_value_operands(s, m_ref, vw, f_lane, sel, STEP: tl.constexpr):
 
 
 @triton.jit
-def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_lane, sel, o_row,
+def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols, sel, o_row,
                  VBITS: tl.constexpr, STEP: tl.constexpr):
     """A loop step's softmax step (one for its tiles: the reference's move, a fold if it moves) and
     value products, from its scores (``_step_scores``) and value loads (``_step_value_loads``);
     returns the new state.
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
-    ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold."""
+    ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold.
+
+    ``f``: the values' fixed point ``F`` (``p * scale * F < 2**23`` for ``p <= _P_MAX``; 0 before
+    any nonzero value scale); a step with a larger scale than ``F`` takes folds the integer sums and
+    takes ``F`` for twice its largest scale. ``cols``: 1.0 in the lanes of value B columns 0-5
+    (3 limbs x 2 groups), 0.0 in 6 and 7."""
     s_hi = s[STEP]
+    f_lane = cols * f
     # ---- the value operands on the current reference, before knowing whether it moves (it rarely
     # does): the score maximum's lane reduction then overlaps this work instead of preceding it
     ops = _step_value_operands(s, m_ref, vw, f_lane, sel, STEP)
-    # ---- the softmax reference moves (and the integer sums fold) only past _TAU, or before overflow
+    sv_hi = tl.max(tl.max(tl.max(vw[0][8], axis=2), axis=1), axis=0)
+    if STEP == 2:
+        sv_hi = tl.maximum(sv_hi, tl.max(tl.max(tl.max(vw[1][8], axis=2), axis=1), axis=0))
+    # ---- the softmax reference moves (and the integer sums fold) only past _TAU, before overflow,
+    # or when a value scale passes the fixed point's range
     grow = s_hi > m_ref + _TAU
-    if grow | (since >= _FLUSH_TILES):
+    sv_hi = sv_hi.to(tl.float32)
+    wide = (sv_hi * f > _X_RANGE / _P_MAX) | ((f == 0.0) & (sv_hi > 0.0))
+    if grow | wide | (since >= _FLUSH_TILES):
         m_new = tl.where(grow, s_hi, m_ref)
         alpha = tl.math.exp2(m_ref - m_new)
         c0, c1, c2, c3 = c
-        f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
+        f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, f, VBITS)
         tl.store(o_row, (tl.load(o_row, mask=t == 0) + f0) * alpha, mask=t == 0)
         tl.store(o_row + 1, (tl.load(o_row + 1, mask=t == 0) + f1) * alpha, mask=t == 0)
         zero = tl.zeros([32, 8], tl.int32)
@@ -403,12 +567,13 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1, f_
         l_p = l_p * alpha
         m_ref = m_new
         since = 0
-        ops = _step_value_operands(s, m_ref, vw, f_lane, sel, STEP)
+        f = tl.where(wide, 1.0 / (2.0 * sv_hi * _P_MAX) * _X_RANGE, f)
+        ops = _step_value_operands(s, m_ref, vw, cols * f, sel, STEP)
     for i in tl.static_range(STEP):
         l_p += ops[i][2]
         acc_lo += ops[i][3]
         c = _value_product(vw[i], ops[i], c, VBITS)
-    return m_ref, l_p, c, acc_lo, since + STEP
+    return m_ref, l_p, c, acc_lo, since + STEP, f
 
 
 @triton.jit
@@ -437,7 +602,8 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
                    len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
                    T, QOFF, tiles_per_split, split_base, Hkv, M, L,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE: tl.constexpr, SCONTIG: tl.constexpr, STEP: tl.constexpr, L2AHEAD: tl.constexpr):
+                   PAGE: tl.constexpr, SCONTIG: tl.constexpr, STEP: tl.constexpr, L2AHEAD: tl.constexpr,
+                   STAGES: tl.constexpr):
     pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
                                                                  32, PAGED)
     end = tl.minimum(T, t_hi * 32)
@@ -446,19 +612,10 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     t = (lane % 4)[:, None]
     u4 = tl.arange(0, 4)[None, :]
 
-    # ---- the split's largest value scale fixes the values' fixed point: p * scale * F < 2**23
-    s_max = tl.zeros([16, 32, 2], tl.float32)
-    for c0 in range(t_lo, t_hi, 16):
-        tiles = c0 + tl.arange(0, 16)[:, None, None]
-        locs, _, _, _, vsb = _tile_bases(tl.minimum(tiles, t_hi - 1) * 32, b, h, tbl_ptr, stbl_b, 0, 0, 0, 0, 0, 0,
-                                         svs_b, svs_h, PAGED, PAGE)
-        tok = tl.arange(0, 32)[None, :, None]
-        ok = (tiles < t_hi) & (tiles * 32 + tok < end)
-        sv = tl.load(vs_ptr + vsb + (locs + tok) * svs_t + tl.arange(0, 2)[None, None, :], mask=ok, other=0.0)
-        s_max = tl.maximum(s_max, sv.to(tl.float32))
-    s_top = tl.max(tl.reshape(s_max, [1024]), axis=0)
-    f = tl.where(s_top > 0, 1.0 / (s_top * _P_MAX) * _X_RANGE, 0.0)
-    f_lane = tl.where(g < 6, f, 0.0)  # value B columns: 3 limbs x 2 groups, 6 and 7 unused
+    # ---- the values' fixed point (p * scale * F < 2**23) starts empty: the first step with a
+    # nonzero value scale sets it (to twice the step's largest), a step above it folds and resets it
+    cols = tl.where(g < 6, 1.0, 0.0)  # value B columns: 3 limbs x 2 groups, 6 and 7 unused
+    f = tl.full((), 0.0, tl.float32)
     sel = (g % 3) * 17 + 64  # prmt selector of byte g % 3
     gs = tl.minimum(g // 3, 1)  # the value group of the lane's B column
     gl = g // 4  # the value group of the lane's output dimensions 16g .. 16g + 15
@@ -468,11 +625,6 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     # value columns 2t and 2t + 1 of the lane's D fragment
     wv0 = _value_column_weight(2 * t, gl)
     wv1 = _value_column_weight(2 * t + 1, gl)
-    inv_f = tl.where(f > 0, 1.0 / f, 0.0)
-    if VBITS == 4:  # rows g + 8 hold high nibbles: 16 * code
-        h1 = 0.0625 * inv_f
-    else:
-        h1 = inv_f
 
     ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
     mt = tl.arange(0, 8)[None, :]
@@ -506,35 +658,66 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         qx4 = q4
     ko = _key_operands(q4, qx4, _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h,
                                              sks_t, GK, PAGED, PAGE))
-    kw = _step_key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS, PAGED,
-                         PAGE, STEP)
+    if STAGES:
+        # the tiles of the next STAGES - 1 steps are on their way into shared memory (``_stage_tiles``):
+        # loop step k reads stage k % STAGES once its barrier's phase k // STAGES has completed, and
+        # refills the stage that step k - 1 read
+        tl.static_assert(SCONTIG, "shared-memory stages take [.., T, 2] value scales")
+        SB: tl.constexpr = STEP * (512 * KBITS + 512 * VBITS + 256)
+        # a scalar at once: Triton would otherwise remake the asm, and with it the array, in each
+        # layout its uses want
+        smem = tl.max(ptx.smem_stages(lane, STAGES * SB + 8 * STAGES), axis=0)
+        bars = smem + STAGES * SB
+        for st in tl.static_range(STAGES):
+            ptx.mbar_init((lane == 0).to(tl.int32), bars + 8 * st)
+        for st in tl.static_range(STAGES - 1):
+            _stage_tiles(t_lo + st * STEP, end, b, h, smem + st * SB, bars + 8 * st, kc_ptr, vc_ptr, vs_ptr, vl_ptr,
+                         tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, KBITS, VBITS, STEP,
+                         PAGED, PAGE)
+    else:
+        kw = _step_key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS,
+                             PAGED, PAGE, STEP)
     sc = _scale_loads(t_lo + STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
                       PAGE)
     # L2AHEAD: the tiles of the step that many steps ahead are brought into L2 by the TMA unit
     # while this one is loaded into registers: more bytes on their way than registers hold
-    for a in tl.static_range(1, L2AHEAD):
+    # (with STAGES, that many steps further than the stages are filled)
+    AHEAD: tl.constexpr = STAGES - 1 if STAGES else 0
+    for a in tl.static_range(AHEAD + 1, AHEAD + L2AHEAD):
         _l2_tiles(t_lo + a * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b,
                   svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
     for tile in range(t_lo, t_hi, STEP):
         if L2AHEAD:
-            _l2_tiles(tile + L2AHEAD * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-                      svc_b, svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
-        vw = _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, svc_b,
-                               svc_h, svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG, STEP)
-        nkw = _step_key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
-                              KBITS, PAGED, PAGE, STEP)
+            _l2_tiles(tile + (AHEAD + L2AHEAD) * STEP, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b,
+                      skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, STEP, PAGED, PAGE, SCONTIG)
+        if STAGES:
+            k = (tile - t_lo) // STEP
+            nxt = (k + STAGES - 1) % STAGES
+            _stage_tiles(tile + (STAGES - 1) * STEP, end, b, h, smem + nxt * SB, bars + 8 * nxt, kc_ptr, vc_ptr,
+                         vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, KBITS,
+                         VBITS, STEP, PAGED, PAGE)
+            cur = k % STAGES
+            tok = ptx.wait(bars + 8 * cur + 0 * lane, (k // STAGES) % 2 + 0 * lane)
+            kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr,
+                                  tiles_per_split + tl.zeros([32, 1], tl.int32) < 0, KBITS, VBITS, STEP)
+        else:
+            vw = _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b,
+                                   svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG, STEP)
+            nkw = _step_key_words(tile + STEP, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h,
+                                  skc_t, KBITS, PAGED, PAGE, STEP)
         nko = _key_operands(q4, qx4, sc)
         sc = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
                           PAGED, PAGE)
         s = _step_scores(tile * 32, ko, kw, end, qpos, g, t, wk0, wk1, KBITS, STEP)
-        m_ref, l_p, c, acc_lo, since = _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, inv_f, h1,
-                                                    f_lane, sel, o_row, VBITS, STEP)
+        m_ref, l_p, c, acc_lo, since, f = _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols,
+                                                       sel, o_row, VBITS, STEP)
         ko = nko
-        kw = nkw
+        if not STAGES:
+            kw = nkw
 
     # ---- this split's partial result
     c0, c1, c2, c3 = c
-    f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, inv_f, h1)
+    f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, f, VBITS)
     lo = ptx.bfly(ptx.bfly(acc_lo, 1), 2)  # [32, 1]: group gl's offsets, over the 4 lanes' tokens
     tl.store(m_ptr + ps_idx * M + rq, m_ref)
     tl.store(l_ptr + ps_idx * M + rq, tl.sum(tl.sum(l_p, axis=1), axis=0))
@@ -558,7 +741,7 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           step: int = 1, l2_ahead: int = 0) -> None:
+           step: int = 1, l2_ahead: int = 0, stages: int = 0, maxnreg: int = 0) -> None:
     """Run the decode kernel for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
@@ -568,7 +751,12 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     tiles per loop step, 1 or 2 (2 with key groups of 64 or more, else 1; splits of an odd number
     of tiles grow by one, so the last splits may be empty); ``l2_ahead``: bring the tiles of the
     loop step that many steps ahead into L2 (0: no; only on sm_90 with the code rows contiguous
-    along the tokens and 16-byte aligned).
+    along the tokens and 16-byte aligned); ``stages``: 0, or read the tiles from a ring of that many
+    loop steps' stages in shared memory that the TMA unit fills ``stages - 1`` steps ahead (then
+    ``l2_ahead`` counts from there; where the L2 prefetch can run and the value scales are
+    ``[.., T, 2]``; fewer stages where that many pass the 48 KB of static shared memory, none where
+    not two);
+    ``maxnreg``: 0, or the registers per thread the build may use (more programs per SM).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -576,22 +764,40 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     rows = q2.shape[0] * m_rows
     if step not in (1, 2):
         raise ValueError(f"step must be 1 or 2 tiles per loop step, got {step!r}")
+    if not isinstance(stages, int) or stages < 0:
+        raise ValueError(f"stages must be an int >= 0, got {stages!r}")
+    if not isinstance(maxnreg, int) or not (maxnreg == 0 or 24 <= maxnreg <= 255):
+        raise ValueError(f"maxnreg must be 0 (no cap) or 24..255 registers, got {maxnreg!r}")
     step = step if gk >= 64 else 1
     tiles_per_split += -tiles_per_split % step
-    l2_ahead = l2_ahead if _l2_ready(kside, vside) else 0
+    ready = _l2_ready(kside, vside)
+    stages = min(stages, _MAX_STAGE_BYTES // (step * _tile_stage_bytes(kbits, vbits) + 8))
+    l2_ahead = l2_ahead if ready else 0
+    if stages < 2 or not ready or svs[2] != 2:
+        stages = 0
     _decode_kernel[(rows, n_splits)](
         q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
         T, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, num_warps=1, num_stages=1)
+        PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, STAGES=stages, num_warps=1, num_stages=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
+
+
+_MAX_STAGE_BYTES = 48 * 1024  # static shared memory of one program
+
+
+def _tile_stage_bytes(kbits: int, vbits: int) -> int:
+    """Bytes of one 32-token tile in a shared-memory stage: key rows, value rows, value scales and offsets."""
+    return 512 * kbits + 512 * vbits + 256
 
 
 def _l2_ready(kside: tuple, vside: tuple) -> bool:
-    """Whether ``_l2_tiles`` can take these sides: an sm_90 device (the bulk prefetch), each token's
-    code row right after the previous one, rows and value scales 16-byte aligned."""
-    kc, vc, vs = kside[0], vside[0], vside[2]
+    """Whether ``_l2_tiles`` and ``_stage_tiles`` can take these sides: an sm_90 device (the TMA
+    unit's bulk operations), each token's code row right after the previous one, rows and value
+    scales and offsets 16-byte aligned."""
+    kc, vc, vs, vl = kside[0], vside[0], vside[1], vside[2]
     if os.environ.get("TRITON_INTERPRET") != "1" and capability(kc.device)[0] < 9:
         return False
-    ok = all(x.data_ptr() % 16 == 0 for x in (kc, vc, vs))
+    ok = all(x.data_ptr() % 16 == 0 for x in (kc, vc, vs, vl))
     for codes, (sb, sh, st) in ((kc, kside[3]), (vc, vside[3])):
         ok &= st == codes.shape[-1] and codes.stride(-1) == 1 and (sb * 4) % 16 == 0 and (sh * 4) % 16 == 0
     sb, sh, st = vside[4]

@@ -52,6 +52,23 @@ _KEY_B = tl.constexpr("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .
 # registers and no load slots of the multiprocessor, unlike prefetch.global.L2 per lane
 _L2_BULK = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p cp.async.bulk.prefetch.L2.global [$2], $3;\n"
                         " mov.b32 $0, 0; }")
+# Shared-memory stages (sm_90): one lane asks the TMA unit to copy whole tiles into a ring of
+# stages in shared memory; each stage's mbarrier completes when its bytes have landed. Bytes on
+# their way then wait in shared memory, not in registers (``decode_imma``'s ``STAGES``).
+_SMEM_DECL_HEAD = "{ .shared .align 128 .b8 lmc_stages["
+_MBAR_INIT = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p mbarrier.init.shared::cta.b64 [$2], 1;\n"
+                          " fence.mbarrier_init.release.cluster;\n fence.proxy.async.shared::cta;\n mov.b32 $0, 0; }")
+# The warp's earlier reads of the stage (generic proxy) are ordered before the copies into it
+# (async proxy) by the warp barrier and the proxy fence
+_ARRIVE_TX = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n bar.warp.sync 0xffffffff;\n"
+                          " fence.proxy.async.shared::cta;\n"
+                          " @p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], $3;\n mov.b32 $0, 0; }")
+_BULK_COPY = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p cp.async.bulk.shared::cluster.global"
+                          ".mbarrier::complete_tx::bytes [$2], [$3], $4, [$5];\n mov.b32 $0, 0; }")
+_WAIT = tl.constexpr("{ .reg .pred p;\n lmc_wait:\n mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\n"
+                     " @!p bra lmc_wait;\n mov.b32 $0, 0; }")
+_LDS128 = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$5];")
+_LDS64 = tl.constexpr("ld.shared.v2.b32 {$0, $1}, [$3];")
 _C_KEY_B = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 3))
 _C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
 _C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
@@ -128,6 +145,63 @@ def l2_bulk(on, addr, nbytes):
                                      pack=1)
 
 
+@triton.constexpr_function
+def _smem_decl(nbytes):
+    return _SMEM_DECL_HEAD + f"{nbytes}];\n mov.u32 $0, lmc_stages; }}"
+
+
+@triton.jit
+def smem_stages(x, NBYTES: tl.constexpr):
+    """Shared address (int32 [32], the same in every lane) of ``NBYTES`` of static shared memory,
+    128-byte aligned. ``x``: any int32 [32]. Call it once per kernel: each call is its own array."""
+    return tl.inline_asm_elementwise(_smem_decl(NBYTES), "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def mbar_init(on, bar):
+    """Initialise the mbarrier at shared address ``bar`` for one arrival where ``on`` is nonzero
+    (one lane), and make it visible to the TMA unit; [32] int32 tensors. Returns a dummy."""
+    return tl.inline_asm_elementwise(_MBAR_INIT, "=r,r,r", [on, bar], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def arrive_tx(on, bar, nbytes):
+    """Where ``on`` is nonzero (one lane), arrive at barrier ``bar`` expecting ``nbytes`` from the
+    copies that follow: its phase completes when they have all landed. Every lane first orders its
+    earlier reads of shared memory before those copies. [32] int32 tensors; returns a dummy."""
+    return tl.inline_asm_elementwise(_ARRIVE_TX, "=r,r,r,r", [on, bar, nbytes], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def bulk_copy(on, dst, src, nbytes, bar):
+    """Where ``on`` is nonzero, copy ``nbytes`` (a multiple of 16) from global ``src`` (int64,
+    16-byte aligned) to shared ``dst`` by the TMA unit, counted on barrier ``bar``. [32] tensors."""
+    return tl.inline_asm_elementwise(_BULK_COPY, "=r,r,r,l,r,r", [on, dst, src, nbytes, bar], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def wait(bar, parity):
+    """Spin until the phase of parity ``parity`` (0 or 1) of barrier ``bar`` has completed; [32]
+    int32. Returns a token for the reads that must follow it (``lds128``, ``lds64``)."""
+    return tl.inline_asm_elementwise(_WAIT, "=r,r,r", [bar, parity], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def lds128(tok, addr):
+    """Four int32 words at shared address ``addr`` (16-byte aligned), read after ``tok``; [32] each."""
+    return tl.inline_asm_elementwise(_LDS128, "=r,=r,=r,=r,r,r", [tok, addr],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
+
+
+@triton.jit
+def lds64(tok, addr):
+    """Two int32 words at shared address ``addr`` (8-byte aligned), read after ``tok``; [32] each."""
+    return tl.inline_asm_elementwise(_LDS64, "=r,=r,r,r", [tok, addr], dtype=(tl.int32, tl.int32), is_pure=False,
+                                     pack=1)
+
+
 # ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
 
 def _bytes(regs: np.ndarray) -> np.ndarray:
@@ -200,6 +274,43 @@ def _emu_l2_bulk(on, addr, nbytes):
     return [np.zeros_like(on)]
 
 
+# Shared memory under the interpreter: one array, made anew by each program's ``smem_stages``
+# (the interpreter runs programs one after another); addresses are offsets into it, and the
+# bulk copy is done at once, so barriers have nothing to wait for.
+_SMEM = np.zeros(0, np.uint8)
+
+
+def _emu_smem_decl(nbytes: int):
+    def emu(x):
+        global _SMEM
+        _SMEM = np.zeros(nbytes, np.uint8)
+        return [np.zeros_like(x)]
+    return emu
+
+
+def _emu_nothing(*ops):
+    return [np.zeros(np.shape(ops[0]), np.int32)]
+
+
+def _emu_bulk_copy(on, dst, src, nbytes, bar):
+    import ctypes
+
+    for o, d, a, n in zip(*(np.ravel(x) for x in (on, dst, src, nbytes))):
+        if o:
+            assert int(a) % 16 == 0 and int(d) % 16 == 0 and int(n) % 16 == 0, "bulk copies move 16-byte units"
+            _SMEM[int(d):int(d) + int(n)] = np.frombuffer(ctypes.string_at(int(a), int(n)), np.uint8)
+    return [np.zeros(np.shape(on), np.int32)]
+
+
+def _emu_lds(words: int):
+    def emu(tok, addr):
+        a = np.ravel(addr).astype(np.int64)
+        assert np.all(a % (4 * words) == 0), "vector shared loads are aligned to their size"
+        w = _SMEM[a[:, None] + np.arange(4 * words)].reshape(-1, words, 4).copy().view("<i4")[..., 0]
+        return [w[:, j].reshape(np.shape(addr)) for j in range(words)]
+    return emu
+
+
 def _emu_key_b(w0, w1, w2):
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
@@ -210,7 +321,16 @@ def _emu_key_b(w0, w1, w2):
 
 _EMULATIONS = {_KEY_B.value: _emu_key_b, _L2_BULK.value: _emu_l2_bulk, _MMA_KEYS.value: _emu_mma_keys,
                _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
-               _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather}
+               _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather,
+               _MBAR_INIT.value: _emu_nothing, _ARRIVE_TX.value: _emu_nothing, _BULK_COPY.value: _emu_bulk_copy,
+               _WAIT.value: _emu_nothing, _LDS128.value: _emu_lds(4), _LDS64.value: _emu_lds(2)}
+
+
+def _emulation(asm: str):
+    """The numpy emulation of an asm string of this module, or None."""
+    if asm.startswith(_SMEM_DECL_HEAD):
+        return _emu_smem_decl(int(asm[len(_SMEM_DECL_HEAD):].split("]")[0]))
+    return _EMULATIONS.get(asm)
 
 
 def emulate_in_interpreter() -> None:
@@ -226,7 +346,7 @@ def emulate_in_interpreter() -> None:
     original = builder.create_inline_asm
 
     def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
-        fn = _EMULATIONS.get(asm)
+        fn = _emulation(asm)
         if fn is None:
             return original(self, asm, constraints, values, types, is_pure, pack)
         shape = np.broadcast_shapes(*(v.data.shape for v in values))
@@ -238,6 +358,9 @@ def emulate_in_interpreter() -> None:
 
 
 def _as_int32(x: np.ndarray) -> np.ndarray:
+    """float32 as its bits, int64 (addresses) as it is, other integers as int32."""
+    if x.dtype == np.int64:
+        return x
     return x.view(np.int32) if x.dtype == np.float32 else x.astype(np.int32)
 
 
