@@ -8,6 +8,7 @@ run, interleaved. Write the earlier kernel file next to the current one first:
     python bench/ab_kernels.py --setup HEAD --kernel imma    # decode_imma.py at HEAD
     python bench/ab_kernels.py --setup old.py --kernel imma  # or from a file
     python bench/ab_kernels.py [--kernel imma]               # on the GPU; JSON to $OUT or bench/results
+    AB_GRID4="1,0,128,3,0;2,1,64,0,0" python bench/ab_kernels.py --kernel imma  # settings to try, per width
 
 The copies (``_old_<kernel file>``, untracked) are not part of the package. Batch 16 x 40 heads
 x 128, 32K tokens, one query token; 4 rounds, the minimum of the per-round medians.
@@ -97,8 +98,8 @@ def configs_imma(bits: int) -> dict:
         shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
         cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
     # (tiles per step, L2 prefetch steps ahead, programs per SM, shared-memory stages, register cap)
-    grid = [(2, 1 if bits == 4 else 0, 64, 0, 0), (2, 0, 96, 2, 168), (1, 0, 128, 3, 0), (1, 0, 128, 2, 0),
-            (1, 0, 96, 4, 0)]
+    grid = [(1, 0, 128, 3 if bits == 4 else 2, 0), (2, 1 if bits == 4 else 0, 64, 0, 0), (1, 0, 128, 2, 0),
+            (1, 0, 96, 4, 0), (1, 0, 128, 3, 128)]
     if os.environ.get(f"AB_GRID{bits}"):  # e.g. AB_GRID4="2,0,64,3,0;2,0,72,3,168"
         grid = [tuple(int(x) for x in item.split(",")) for item in os.environ[f"AB_GRID{bits}"].split(";")]
     for step, l2, pps, stages, maxnreg in grid:

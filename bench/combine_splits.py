@@ -1,13 +1,14 @@
 """The merge of split-decode partials on the GPU: eight torch operations against the combine kernel.
 
 A decode call splits each (sequence, KV head) row over many programs (flash-decoding) and merges
-their partial outputs at the end. At batch 1 a long context makes more splits than one program
-per row merges well (128K tokens: ~500 splits over 40 rows), so above
+their partial outputs at the end. At batch 1 a long context makes more splits than one level of
+programs merges well (128K tokens: ~500 splits over 40 rows), so above
 ``_COMBINE_KERNEL_MAX_SPLITS`` splits chunks of 32 are merged by their own programs first
 (``decode_attention._Partials.combine``). This times, per (splits, rows) shape of one query row and
-head dim 128: the torch formula, the one-program-per-row kernel over all splits, and the chunked
-kernel wherever there are more than 32 splits (two launches); GPU time per call (as ``decode_attention.timed``:
-CUDA events, L2 flushed) and the host time to issue it. JSON to ``bench/results`` (or ``--out``).
+head dim 128: the torch formula, the kernel over all splits in one level (a program per row and 32
+dimensions), and the chunked kernel wherever there are more than 32 splits (two launches); GPU
+time per call (as ``decode_attention.timed``: CUDA events, L2 flushed) and the host time to issue
+it. JSON to ``bench/results`` (or ``--out``).
 
     python bench/combine_splits.py
 """
@@ -29,7 +30,8 @@ import decode_attention as bench  # noqa: E402
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
 
 # (splits, rows): batch 1 x 40 heads at 4K / 32K / 128K with 64 programs per SM, and batch 16 at 32K
-SHAPES = [(19, 40), (105, 40), (131, 40), (422, 40), (515, 40), (13, 640)]
+# (with 64 and with 128 programs per SM, the float16 residual's 4 splits included in the second)
+SHAPES = [(19, 40), (105, 40), (131, 40), (422, 40), (515, 40), (13, 640), (30, 640)]
 
 
 def torch_merge(part: da._Partials, dtype: torch.dtype) -> torch.Tensor:
@@ -39,7 +41,7 @@ def torch_merge(part: da._Partials, dtype: torch.dtype) -> torch.Tensor:
 
 
 def kernel_merge(part: da._Partials, dtype: torch.dtype, limit: int) -> torch.Tensor:
-    """``part.combine`` with up to ``limit`` splits merged by one program per row."""
+    """``part.combine`` with up to ``limit`` splits merged in one level."""
     saved = da._COMBINE_KERNEL_MAX_SPLITS
     da._COMBINE_KERNEL_MAX_SPLITS = limit
     try:

@@ -458,12 +458,13 @@ def test_imma_kernel_moving_reference(rng, monkeypatch, flush_tiles, step):
     np.testing.assert_allclose(out.float().cpu().numpy(), ref, atol=5e-3 * np.abs(ref).max(), rtol=5e-3)
 
 
-@pytest.mark.parametrize("n_splits", [5, 64, 65, 300, 5000])
-def test_split_combine_matches_torch(n_splits):
+@pytest.mark.parametrize("n_splits,d", [(5, 64), (64, 64), (65, 16), (300, 64), (5000, 64), (30, 128)])
+def test_split_combine_matches_torch(n_splits, d):
     """The merge of split partials: one program per row up to 64 splits, above it chunks of 32
-    merged first (one level at 65 and 300, two at 5000)."""
+    merged first (one level at 65 and 300, two at 5000); programs over 32 dimensions each, or all
+    of them for a head dim below 32."""
     g = torch.Generator().manual_seed(n_splits)
-    part = da._Partials(n_splits, 3, 2, 64, DEVICE)
+    part = da._Partials(n_splits, 3, 2, d, DEVICE)
     part.o.copy_(torch.randn(part.o.shape, generator=g))
     part.m.copy_(torch.randn(part.m.shape, generator=g) * 4)
     part.m[0, 0, 0] = -1.0e30  # a split that saw no token
@@ -471,5 +472,5 @@ def test_split_combine_matches_torch(n_splits):
     w = torch.exp2(part.m - part.m.amax(0))
     ref = (part.o * w[..., None]).sum(0) / (part.l * w).sum(0)[..., None]
     out = part.combine(torch.float16)
-    assert out.dtype == torch.float16 and out.shape == (3, 2, 64)
+    assert out.dtype == torch.float16 and out.shape == (3, 2, d)
     np.testing.assert_allclose(out.float().cpu().numpy(), ref.cpu().numpy(), atol=2e-3, rtol=2e-3)

@@ -737,20 +737,22 @@ def _side_arrays(x, bits_out: list, words: bool):
 
 @triton.jit
 def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, mo_ptr, lo_ptr, n_splits, rows, chunk, D: tl.constexpr,
-                    BS: tl.constexpr, FINAL: tl.constexpr):
-    # One program: one query row of one (sequence, KV head), splits chunk * c .. chunk * c + c - 1
-    # (c = ``chunk``, program axis 1). Every split's partial output reweighted to the running max
-    # over splits (BS at a time); FINAL: normalised and written in the output dtype, else written
-    # as one partial (output, max, denominator) of a smaller merge. One or two launches instead of
-    # eight torch operations, which at batch 1 cost more than the attention.
+                    DC: tl.constexpr, BS: tl.constexpr, FINAL: tl.constexpr):
+    # One program: dimensions DC * e .. DC * e + DC - 1 (program axis 2) of one query row of one
+    # (sequence, KV head), splits chunk * c .. chunk * c + c - 1 (c = ``chunk``, program axis 1).
+    # Every split's partial output reweighted to the running max over splits (BS at a time);
+    # FINAL: normalised and written in the output dtype, else written as one partial (output, max,
+    # denominator) of a smaller merge. One or two launches instead of eight torch operations,
+    # which at batch 1 cost more than the attention; programs over slices of the dimensions, so
+    # that a batch's merge is not one long dependent chain per row.
     row = tl.program_id(0)
     first = tl.program_id(1) * chunk
     stop = tl.minimum(first + chunk, n_splits)
     sp = tl.arange(0, BS)
-    d = tl.arange(0, D)
+    d = tl.program_id(2) * DC + tl.arange(0, DC)
     m_run = tl.max(tl.full([BS], -1.0e30, tl.float32), axis=0)
     den = tl.sum(tl.zeros([BS], tl.float32), axis=0)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([DC], tl.float32)
     for s0 in range(first, stop, BS):
         ok = s0 + sp < stop
         m = tl.load(m_ptr + (s0 + sp) * rows + row, mask=ok, other=-1.0e30)
@@ -766,16 +768,20 @@ def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, mo_ptr, lo_ptr, n_splits, rows
     else:
         at = tl.program_id(1) * rows + row
         tl.store(out_ptr + at * D + d, acc)
-        tl.store(mo_ptr + at, m_run)
-        tl.store(lo_ptr + at, den)
+        if tl.program_id(2) == 0:
+            tl.store(mo_ptr + at, m_run)
+            tl.store(lo_ptr + at, den)
 
 
-# Up to this many splits one program per row merges them all; above it, programs over chunks of
-# _COMBINE_CHUNK splits merge them into one partial each first (bench/combine_splits.py, one
-# H200, 40 rows, GPU us: one program per row 9.8 / 32.1 / 39.0 / 135.4 at 19 / 105 / 131 / 515
-# splits, chunked 9.7 / 26.3 / 17.5 / 18.9, eight torch operations 47-52 at every count).
+# Up to this many splits one program per row and 32 dimensions merges them all; above it,
+# programs over chunks of _COMBINE_CHUNK splits merge them into one partial each first
+# (bench/combine_splits.py, one H200, 40 rows, GPU us at 19 / 105 / 131 / 515 splits: one level
+# 5.5 / 9.2 / 10.7 / 25.1, chunked 5.4 / 9.1 / 9.9 / 13.1, eight torch operations 49-76; with one
+# program per row over all 128 dimensions it was 9.8 / 32.1 / 39.0 / 135.4 and 9.7 / 26.3 / 17.5 /
+# 18.9 chunked).
 _COMBINE_KERNEL_MAX_SPLITS = 64
 _COMBINE_CHUNK = 32
+_COMBINE_DIMS = 32  # dimensions per merge program
 
 
 class _Partials:
@@ -789,16 +795,18 @@ class _Partials:
     def combine(self, dtype: torch.dtype) -> torch.Tensor:
         """``[bh, M, D]`` in ``dtype``: every split's output reweighted to the global max and normalised."""
         n, bh, m, d = self.o.shape
+        dc = _COMBINE_DIMS if d % _COMBINE_DIMS == 0 else d
         part = self
         while n > _COMBINE_KERNEL_MAX_SPLITS:
             chunks = triton.cdiv(n, _COMBINE_CHUNK)
             fewer = _Partials(chunks, bh, m, d, self.o.device)
-            _combine_kernel[(bh * m, chunks)](part.o, part.m, part.l, fewer.o, fewer.m, fewer.l, n, bh * m,
-                                              _COMBINE_CHUNK, D=d, BS=16, FINAL=False, num_warps=2)
+            _combine_kernel[(bh * m, chunks, d // dc)](part.o, part.m, part.l, fewer.o, fewer.m, fewer.l, n, bh * m,
+                                                       _COMBINE_CHUNK, D=d, DC=dc, BS=_COMBINE_CHUNK, FINAL=False,
+                                                       num_warps=1)
             part, n = fewer, chunks
         out = torch.empty((bh, m, d), dtype=dtype, device=self.o.device)
-        _combine_kernel[(bh * m, 1)](part.o, part.m, part.l, out, out, out, n, bh * m, n, D=d,
-                                     BS=min(16, triton.next_power_of_2(n)), FINAL=True, num_warps=2)
+        _combine_kernel[(bh * m, 1, d // dc)](part.o, part.m, part.l, out, out, out, n, bh * m, n, D=d, DC=dc,
+                                              BS=min(32, triton.next_power_of_2(n)), FINAL=True, num_warps=1)
         return out
 
 
