@@ -8,6 +8,8 @@ order of a thread's registers within a tensor is Triton's choice (it follows per
 Under ``TRITON_INTERPRET=1`` there is no PTX: ``emulate_in_interpreter`` teaches the interpreter
 each asm string through its numpy emulation here, which implements the PTX ISA's fragment
 layouts, so the kernel runs (and is tested) on CPU with the same lane arithmetic as on the GPU.
+The shared-memory stages (sm_90: a static ``.shared`` ring, mbarriers, TMA bulk copies,
+``ld.shared``) are emulated by one host array that each program makes anew, copies done at once.
 
 Fragments of ``mma.sync.aligned.m16n8k32`` (8-bit A and B, int32 C), lane ``l``: group
 ``g = l // 4``, ``t = l % 4``. A (16 x 32, row): register 0 holds ``A[g, 4t .. 4t + 3]``,
@@ -17,6 +19,8 @@ C/D (16 x 8): ``D[g, 2t]``, ``D[g, 2t + 1]``, ``D[g + 8, 2t]``, ``D[g + 8, 2t + 
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import triton
@@ -293,8 +297,6 @@ def _emu_nothing(*ops):
 
 
 def _emu_bulk_copy(on, dst, src, nbytes, bar):
-    import ctypes
-
     for o, d, a, n in zip(*(np.ravel(x) for x in (on, dst, src, nbytes))):
         if o:
             assert int(a) % 16 == 0 and int(d) % 16 == 0 and int(n) % 16 == 0, "bulk copies move 16-byte units"
