@@ -642,8 +642,8 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     c = (zero, zero, zero, zero)
     acc_lo = tl.zeros([32, 1], tl.float32)
     since = 0
-    # The next step's key words, and its key operands from scales loaded a step before, are made
-    # an iteration ahead, so that the key product waits for no load. STEP 2: two tiles per step
+    # The next step's key operands, from scales loaded a step before, are made an iteration ahead,
+    # and so are its key words without STAGES: the key product waits for no load. STEP 2: two tiles per step
     # under one softmax step (twice the bytes in flight per warp; key groups of 64 or more, splits
     # of an even number of tiles)
     tl.static_assert(STEP == 1 or GK >= 64, "two tiles per step take key groups of 64 or more")
@@ -698,8 +698,9 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
                          VBITS, STEP, PAGED, PAGE)
             cur = k % STAGES
             tok = ptx.wait(bars + 8 * cur + 0 * lane, (k // STAGES) % 2 + 0 * lane)
-            kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr,
-                                  tiles_per_split + tl.zeros([32, 1], tl.int32) < 0, KBITS, VBITS, STEP)
+            never = tiles_per_split + tl.zeros([32, 1], tl.int32) < 0  # false, unknown to the compiler: _pin's
+            kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, never,
+                                  KBITS, VBITS, STEP)
         else:
             vw = _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b,
                                    svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, VBITS, PAGED, PAGE, SCONTIG, STEP)
