@@ -237,6 +237,13 @@ def _l2_tiles(tile, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, s
             ptx.l2_bulk(on, (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero, 128 + 0 * lane)
 
 
+@triton.constexpr_function
+def _tile_stage_bytes(kbits, vbits):
+    """Bytes of one 32-token tile in a shared-memory stage: key rows, value rows, value scales and
+    offsets (host code and kernels alike)."""
+    return 512 * kbits + 512 * vbits + 256
+
+
 @triton.jit
 def _stage_tiles(tile, end, b, h, dst, bar, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t,
                  svc_b, svc_h, svc_t, svs_b, svs_h, KBITS: tl.constexpr, VBITS: tl.constexpr, N: tl.constexpr,
@@ -250,7 +257,7 @@ def _stage_tiles(tile, end, b, h, dst, bar, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_
     zero = tl.zeros([32], tl.int64)
     KT: tl.constexpr = 512 * KBITS
     VT: tl.constexpr = 512 * VBITS
-    TB: tl.constexpr = KT + VT + 256
+    TB: tl.constexpr = _tile_stage_bytes(KBITS, VBITS)
     lead = (lane == 0).to(tl.int32)
     n_in = 0
     for i in tl.static_range(N):
@@ -364,7 +371,7 @@ def _staged_step(src, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, nev
                  VBITS: tl.constexpr, STEP: tl.constexpr):
     """The key words (as ``_step_key_words``) and value loads (as ``_step_value_loads``) of the
     ``STEP`` tiles from ``tile`` on, from their stage at shared address ``src``."""
-    TB: tl.constexpr = 512 * KBITS + 512 * VBITS + 256
+    TB: tl.constexpr = _tile_stage_bytes(KBITS, VBITS)
     kw0 = _staged_key_words(src, tok, kc_ptr, never, KBITS)
     vw0 = _staged_value_loads(src, tok, tile * 32 < end, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS, VBITS)
     if STEP == 1:
@@ -663,11 +670,12 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         # loop step k reads stage k % STAGES once its barrier's phase k // STAGES has completed, and
         # refills the stage that step k - 1 read
         tl.static_assert(SCONTIG, "shared-memory stages take [.., T, 2] value scales")
-        SB: tl.constexpr = STEP * (512 * KBITS + 512 * VBITS + 256)
+        SB: tl.constexpr = STEP * _tile_stage_bytes(KBITS, VBITS)
         # a scalar at once: Triton would otherwise remake the asm, and with it the array, in each
         # layout its uses want
         smem = tl.max(ptx.smem_stages(lane, STAGES * SB + 8 * STAGES), axis=0)
         bars = smem + STAGES * SB
+        never = tiles_per_split + tl.zeros([32, 1], tl.int32) < 0  # false, unknown to the compiler: _pin's
         for st in tl.static_range(STAGES):
             ptx.mbar_init((lane == 0).to(tl.int32), bars + 8 * st)
         for st in tl.static_range(STAGES - 1):
@@ -698,7 +706,6 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
                          VBITS, STEP, PAGED, PAGE)
             cur = k % STAGES
             tok = ptx.wait(bars + 8 * cur + 0 * lane, (k // STAGES) % 2 + 0 * lane)
-            never = tiles_per_split + tl.zeros([32, 1], tl.int32) < 0  # false, unknown to the compiler: _pin's
             kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, never,
                                   KBITS, VBITS, STEP)
         else:
@@ -771,7 +778,7 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
         raise ValueError(f"maxnreg must be 0 (no cap) or 24..255 registers, got {maxnreg!r}")
     step = step if gk >= 64 else 1
     tiles_per_split += -tiles_per_split % step
-    ready = _l2_ready(kside, vside)
+    ready = _tma_ready(kside, vside)
     stages = min(stages, _MAX_STAGE_BYTES // (step * _tile_stage_bytes(kbits, vbits) + 8))
     l2_ahead = l2_ahead if ready else 0
     if stages < 2 or not ready or svs[2] != 2:
@@ -786,12 +793,7 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
 _MAX_STAGE_BYTES = 48 * 1024  # static shared memory of one program
 
 
-def _tile_stage_bytes(kbits: int, vbits: int) -> int:
-    """Bytes of one 32-token tile in a shared-memory stage: key rows, value rows, value scales and offsets."""
-    return 512 * kbits + 512 * vbits + 256
-
-
-def _l2_ready(kside: tuple, vside: tuple) -> bool:
+def _tma_ready(kside: tuple, vside: tuple) -> bool:
     """Whether ``_l2_tiles`` and ``_stage_tiles`` can take these sides: an sm_90 device (the TMA
     unit's bulk operations), each token's code row right after the previous one, rows and value
     scales and offsets 16-byte aligned."""

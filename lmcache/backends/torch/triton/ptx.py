@@ -52,23 +52,29 @@ _KEY_B = tl.constexpr("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .
                                 f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
                                 f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
                       + "}")
+
+
+def _on_lanes(*lines: str) -> tl.constexpr:
+    """An asm string that runs ``lines`` (those marked ``@p`` only where operand ``$1`` is nonzero)
+    and returns a dummy ``$0``."""
+    return tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n" + "".join(f" {x}\n" for x in lines)
+                        + " mov.b32 $0, 0; }")
+
+
 # One lane asks the TMA unit to bring a whole tile into L2 ahead of its loads (sm_90): costs no
 # registers and no load slots of the multiprocessor, unlike prefetch.global.L2 per lane
-_L2_BULK = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p cp.async.bulk.prefetch.L2.global [$2], $3;\n"
-                        " mov.b32 $0, 0; }")
+_L2_BULK = _on_lanes("@p cp.async.bulk.prefetch.L2.global [$2], $3;")
 # Shared-memory stages (sm_90): one lane asks the TMA unit to copy whole tiles into a ring of
 # stages in shared memory; each stage's mbarrier completes when its bytes have landed. Bytes on
 # their way then wait in shared memory, not in registers (``decode_imma``'s ``STAGES``).
 _SMEM_DECL_HEAD = "{ .shared .align 128 .b8 lmc_stages["
-_MBAR_INIT = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p mbarrier.init.shared::cta.b64 [$2], 1;\n"
-                          " fence.mbarrier_init.release.cluster;\n fence.proxy.async.shared::cta;\n mov.b32 $0, 0; }")
+_MBAR_INIT = _on_lanes("@p mbarrier.init.shared::cta.b64 [$2], 1;", "fence.mbarrier_init.release.cluster;",
+                       "fence.proxy.async.shared::cta;")
 # The warp's earlier reads of the stage (generic proxy) are ordered before the copies into it
 # (async proxy) by the warp barrier and the proxy fence
-_ARRIVE_TX = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n bar.warp.sync 0xffffffff;\n"
-                          " fence.proxy.async.shared::cta;\n"
-                          " @p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], $3;\n mov.b32 $0, 0; }")
-_BULK_COPY = tl.constexpr("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n @p cp.async.bulk.shared::cluster.global"
-                          ".mbarrier::complete_tx::bytes [$2], [$3], $4, [$5];\n mov.b32 $0, 0; }")
+_ARRIVE_TX = _on_lanes("bar.warp.sync 0xffffffff;", "fence.proxy.async.shared::cta;",
+                       "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], $3;")
+_BULK_COPY = _on_lanes("@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [$3], $4, [$5];")
 _WAIT = tl.constexpr("{ .reg .pred p;\n lmc_wait:\n mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\n"
                      " @!p bra lmc_wait;\n mov.b32 $0, 0; }")
 _LDS128 = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$5];")
