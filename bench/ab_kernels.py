@@ -8,7 +8,7 @@ run, interleaved. Write the earlier kernel file next to the current one first:
     python bench/ab_kernels.py --setup HEAD --kernel imma    # decode_imma.py at HEAD
     python bench/ab_kernels.py --setup old.py --kernel imma  # or from a file
     python bench/ab_kernels.py [--kernel imma]               # on the GPU; JSON to $OUT or bench/results
-    AB_GRID4="1,0,128,3,0;2,1,64,0,0" python bench/ab_kernels.py --kernel imma  # settings to try, per width
+    AB_GRID4="1,0,128,3,0;2,1,64,0,0,0" python bench/ab_kernels.py --kernel imma  # settings to try, per width
 
 The copies (``_old_<kernel file>``, untracked) are not part of the package. Batch 16 x 40 heads
 x 128, 32K tokens, one query token; 4 rounds, the minimum of the per-round medians.
@@ -71,10 +71,11 @@ def configs_imma(bits: int) -> dict:
 
     new = importlib.import_module(f"{pkg.__name__}.decode_imma")  # the module, whichever is swapped in
 
-    def c(step=2, l2=0, pps=None, stages=0, maxnreg=0):
-        return {"imma": True, "imma_l2_ahead": {**da.CONFIG["imma_l2_ahead"], bits: l2},
-                "imma_step": {**da.CONFIG["imma_step"], bits: step},
-                "imma_stages": {**da.CONFIG["imma_stages"], bits: stages},
+    def c(step=None, l2=0, pps=None, stages=None, maxnreg=0, raw=1):  # None: the default
+        return {"imma": True, "imma_l2_ahead": {**da.CONFIG["imma_l2_ahead"], bits: l2}, "imma_scales_query": raw > 0,
+                "imma_step": {**da.CONFIG["imma_step"], bits: step or da.CONFIG["imma_step"][bits]},
+                "imma_stages": {**da.CONFIG["imma_stages"], bits: da.CONFIG["imma_stages"][bits] if stages is None
+                                else stages},
                 "imma_maxnreg": {**da.CONFIG["imma_maxnreg"], bits: maxnreg},
                 "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
 
@@ -96,15 +97,22 @@ def configs_imma(bits: int) -> dict:
             return old.launch(*a[:n])
 
         shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
-        cfgs["old"] = (da.decode_attention, da.CONFIG, c(), swap(shim))
-    # (tiles per step, L2 prefetch steps ahead, programs per SM, shared-memory stages, register cap)
+        # the old kernel takes the query scaled (float32)
+        cfgs["old"] = (da.decode_attention, da.CONFIG, c(raw=0), swap(shim))
+    # (tiles per step, L2 prefetch steps ahead, programs per SM, shared-memory stages, register cap[,
+    # 0: the query scaled by torch first, not in the kernel])
     grid = [(1, 0, 128, 3 if bits == 4 else 2, 0), (2, 1 if bits == 4 else 0, 64, 0, 0), (1, 0, 128, 2, 0),
             (1, 0, 96, 4, 0), (1, 0, 128, 3, 128)]
     if os.environ.get(f"AB_GRID{bits}"):  # e.g. AB_GRID4="2,0,64,3,0;2,0,72,3,168"
         grid = [tuple(int(x) for x in item.split(",")) for item in os.environ[f"AB_GRID{bits}"].split(";")]
-    for step, l2, pps, stages, maxnreg in grid:
-        cfgs[f"new step={step} l2={l2} pps={pps} st={stages} reg={maxnreg}"] = (
-            da.decode_attention, da.CONFIG, c(step, l2, pps, stages, maxnreg), swap(new))
+    # AB_CONFIGS="dense_first=false;dense_min_tiles=2": the default settings with CONFIG entries changed
+    for item in filter(None, os.environ.get("AB_CONFIGS", "").split(";")):
+        extra = {k: json.loads(v) for k, v in (kv.split("=") for kv in item.split(","))}
+        cfgs[f"new {item}"] = (da.decode_attention, da.CONFIG, {**c(), **extra}, swap(new))
+    for step, l2, pps, stages, maxnreg, *raw in grid:
+        tag = f" raw={raw[0]}" if raw else ""
+        cfgs[f"new step={step} l2={l2} pps={pps} st={stages} reg={maxnreg}{tag}"] = (
+            da.decode_attention, da.CONFIG, c(step, l2, pps, stages, maxnreg, *raw), swap(new))
     return cfgs
 
 
@@ -122,6 +130,7 @@ def main() -> None:
 
     sys.path.insert(0, HERE)
     import decode_attention as bench
+    from _common import write_results
 
     torch.manual_seed(0)
     scale = 1 / 128 ** 0.5
@@ -153,12 +162,7 @@ def main() -> None:
         for n, x in times.items():
             print(f"  {n:<34} {min(x):7.3f} ms  diff {err[n]:.1e}  (rounds: {', '.join(f'{t:.3f}' for t in x)})")
         del segs
-    os.makedirs(args.out, exist_ok=True)
-    card = "".join(ch if ch.isalnum() else "-" for ch in res["device"]).strip("-")
-    path = os.path.join(args.out, f"{FILES[args.kernel][:-3]}-ab-{card}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    write_results(args.out, f"{FILES[args.kernel][:-3]}-ab", res["device"], res)
 
 
 if __name__ == "__main__":

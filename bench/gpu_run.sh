@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: install, the compiled kernel tests, then the benchmarks named in $@ (default: decode).
-# Copies logs and results to $OUT. Usage on the GPU machine: bash bench/gpu_run.sh [decode] [jax] [store] [tests] [ab] [combine]
+# Copies logs and results to $OUT. Usage on the GPU machine: bash bench/gpu_run.sh [decode] [jax] [store] [tests] [ab] [combine] [breakdown]
 # (ab: bench/ab_kernels.py --kernel $AB_KERNEL, default imma; carry the _old_ kernel file it needs)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -22,6 +22,7 @@ for what in "${@:-decode}"; do
     jax) timeout ${JAX_TIMEOUT:-300} python3 bench/decode_attention_jax.py --out $OUT --budget ${JAX_BUDGET:-160} 2>&1 \
            | tee $OUT/jax.log | tail -30 ;;
     ab) timeout 300 python3 bench/ab_kernels.py --kernel ${AB_KERNEL:-imma} --out $OUT 2>&1 | tee $OUT/ab.log | tail -20 ;;
+    breakdown) timeout 300 python3 bench/breakdown_imma.py --out $OUT 2>&1 | tee $OUT/breakdown.log | tail -60 ;;
     combine) timeout 200 python3 bench/combine_splits.py --out $OUT 2>&1 | tee $OUT/combine.log | tail -15 ;;
     store) timeout 300 python3 bench/store.py --out $OUT ${STORE_ARGS:-} 2>&1 | tee $OUT/store.log | tail -30 ;;
   esac

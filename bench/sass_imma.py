@@ -2,7 +2,8 @@
 
 Triton's wheel carries ptxas and cuobjdump, so a build for ``GPUTarget("cuda", 90, 32)`` needs
 no device. Each variant is a comma-separated list of the kernel's constexprs over the defaults
-(4-bit both sides, key groups of 64, two tiles per loop step, no L2 prefetch)::
+(4-bit both sides, key groups of 64, one tile per loop step, 3 shared-memory stages, no L2
+prefetch)::
 
     python bench/sass_imma.py bits=4,L2AHEAD=1 bits=8 bits=8,GK=32,STEP=1 --out /tmp/sass
 
@@ -32,11 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lmcache.backends.torch.triton import decode_imma  # noqa: E402
 
 POINTERS = {"kc_ptr": "*i32", "vc_ptr": "*i32", "vs_ptr": "*fp16", "vl_ptr": "*fp16", "o_ptr": "*fp32",
-            "m_ptr": "*fp32", "l_ptr": "*fp32", "tbl_ptr": "*i32", "len_ptr": "*i32", "q_ptr": "*fp32",
-            "ks_ptr": "*fp16", "kl_ptr": "*fp16"}
+            "m_ptr": "*fp32", "l_ptr": "*fp32", "tbl_ptr": "*i32", "len_ptr": "*i32", "q_ptr": "*fp16",
+            "ks_ptr": "*fp16", "kl_ptr": "*fp16", "qscale": "fp32"}
 # integer arguments that are not multiples of 16 in general (the strides are, as the cache allocates them)
 ANY_INT = {"T", "QOFF", "tiles_per_split", "split_base", "Hkv", "M", "L"}
-DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=2, L2AHEAD=0, STAGES=0)
+DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=1, L2AHEAD=0, STAGES=3)
 
 
 def compile_variant(const: dict, maxnreg: int | None = None):
@@ -44,7 +45,8 @@ def compile_variant(const: dict, maxnreg: int | None = None):
     fn = decode_imma._decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: POINTERS.get(n, "constexpr" if n in const else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] != "constexpr" and n not in ANY_INT}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] not in ("constexpr", "fp32") and n not in ANY_INT}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     options = dict(num_warps=1, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

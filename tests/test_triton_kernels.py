@@ -304,10 +304,11 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("settings", [{"dense_min_tiles": 1}, {"dense_min_tiles": 2, "dense_side_tokens": 0}],
-                         ids=str)
+@pytest.mark.parametrize("settings", [{"dense_min_tiles": 1}, {"dense_min_tiles": 2, "dense_side_tokens": 0},
+                                      {"imma_scales_query": False}], ids=str)
 def test_imma_settings_match_numpy(rng, monkeypatch, settings):
-    """Settings the benchmark may pick: splits of the dense residual, the residual on the same stream."""
+    """Settings the benchmark may pick: splits of the dense residual, the residual on the same
+    stream; the query scaled by torch before the kernel (as the kernel of an A/B run takes it)."""
     calls = _imma_calls(monkeypatch)
     for key, value in settings.items():
         monkeypatch.setitem(da.CONFIG, key, value)

@@ -131,6 +131,13 @@ CONFIG = {
     # fewer splits mean fewer partials to merge, more mean more programs for a short segment.
     # The 128-token residual at batch 16: 27.6 us as one split (8), 16.0 us as four (1).
     "dense_min_tiles": 1,
+    # decode_imma takes the query as given and scales it itself: no kernel runs before it. The
+    # float32 scaled query the other kernels take is then made on the side stream, where only the
+    # dense residual needs it, and the residual's kernel overlaps the quantized one better. Batch
+    # 16 / 32K, one process (tenth session): 4-bit 0.782 -> 0.772 ms, 8-bit 1.302 -> 1.294
+    # (bench/results/decode_imma-ab-query-NVIDIA-H200.json); on another card the call 797.0 -> 777.6
+    # us, of which the residual 7.5 us where it was 17.8 (breakdown_imma-NVIDIA-H200.json).
+    "imma_scales_query": True,
 }
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
@@ -810,32 +817,61 @@ class _Partials:
         return out
 
 
-def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
+class _Query:
+    """One call's query rows ``rows`` [B * Hkv, M, D] as given (decode_imma scales them itself)
+    and, made once by ``scaled``, float32 times ``scale`` * log2 e (the other kernels)."""
+
+    def __init__(self, q: torch.Tensor, hkv: int, scale: float):
+        b, hq, L, d = q.shape
+        self.m_rows = hq // hkv * L
+        self.block_m = max(16, triton.next_power_of_2(self.m_rows))
+        self.rows = q.reshape(b * hkv, self.m_rows, d).contiguous()
+        self.scale = scale * _LOG2E
+        self._f32 = None
+
+    def scaled(self) -> torch.Tensor:
+        """float32 [B * Hkv, M, D]: the rows times scale * log2 e."""
+        if self._f32 is None:
+            self._f32 = self.rows.to(torch.float32) * self.scale
+        return self._f32
+
+
+def _imma_takes(kside, vside, kind: str, f32: bool, page: int | None = None) -> bool:
+    """Whether a segment goes to ``decode_imma`` (else the query must be ``_Query.scaled``)."""
+    return kind == "rows" and CONFIG["rows"]["qrows"] and not f32 and _use_imma(kside, vside, page)
+
+
+def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
             hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, paged=None):
     kb, vb = [], []
     rows = kind == "rows"
     kc, ks, kl, skc, sks = _side_arrays(kside, kb, rows)
     vc, vs, vl, svc, svs = _side_arrays(vside, vb, rows)
-    d = q2.shape[-1]
+    imma = _imma_takes(kside, vside, kind, f32, None if paged is None else paged[2])
+    q2 = None if imma else qq.scaled()
+    d = qq.rows.shape[-1]
     if paged is None:
-        tbl, lens, stbl, page = q2, q2, 0, block_n  # unused placeholders
+        tbl, lens, stbl, page = qq.rows, qq.rows, 0, block_n  # unused placeholders
     else:
         tbl, lens, page = paged
         stbl = tbl.stride(0)
-    bh = q2.shape[0]
+    bh = qq.rows.shape[0]
     tiles_per_split = max(1, math.ceil(math.ceil(T / block_n) / n_splits))
     cfg = CONFIG[kind]
-    common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
-              *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
-    if rows and cfg["qrows"] and not f32 and _use_imma(kside, vside, None if paged is None else page):
+    if imma:
         from . import decode_imma
 
         wide = max(kb[0][0], vb[0][0])
-        decode_imma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][0], vb[0][0], kb[0][1], part,
-                           split_base, n_splits, tiles_per_split, qoff, T, hkv, m_rows, L,
-                           (tbl, lens, stbl, page, paged is not None), CONFIG["imma_step"][wide],
-                           CONFIG["imma_l2_ahead"][wide], CONFIG["imma_stages"][wide], CONFIG["imma_maxnreg"][wide])
-    elif rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
+        raw = CONFIG["imma_scales_query"]
+        decode_imma.launch(qq.rows if raw else qq.scaled(), (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs),
+                           kb[0][0], vb[0][0], kb[0][1], part, split_base, n_splits, tiles_per_split, qoff, T, hkv,
+                           m_rows, L, (tbl, lens, stbl, page, paged is not None), CONFIG["imma_step"][wide],
+                           CONFIG["imma_l2_ahead"][wide], CONFIG["imma_stages"][wide], CONFIG["imma_maxnreg"][wide],
+                           qq.scale if raw else 1.0)
+        return
+    common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
+              *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
+    if rows and cfg["qrows"] and not f32 and _use_mma(kside, vside):
         from . import decode_mma
 
         decode_mma.launch(q2, (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs), kb[0][1], part, split_base, n_splits,
@@ -870,14 +906,6 @@ def _launch(q2, kside, vside, part: _Partials, split_base: int, n_splits: int, q
             num_stages=cfg["num_stages"])
 
 
-def _prepare_q(q: torch.Tensor, hkv: int, scale: float) -> tuple[torch.Tensor, int, int]:
-    b, hq, L, d = q.shape
-    rep = hq // hkv
-    m_rows = rep * L
-    q2 = (q.to(torch.float32) * (scale * _LOG2E)).reshape(b * hkv, m_rows, d).contiguous()
-    return q2, m_rows, max(16, triton.next_power_of_2(m_rows))
-
-
 def _finish(part: _Partials, q: torch.Tensor) -> torch.Tensor:
     return part.combine(q.dtype).reshape(q.shape)
 
@@ -899,7 +927,8 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
         return None
     first = segments[0][0]
     hkv = (first.codes if isinstance(first, QuantBlock) else first).shape[1]
-    q2, m_rows, block_m = _prepare_q(q, hkv, scale)
+    qq = _Query(q, hkv, scale)
+    m_rows, block_m = qq.m_rows, qq.block_m
     kind = _kind(m_rows)
     if kind == "dot" and block_m > 128:
         return None
@@ -912,16 +941,21 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
         lens.append((ks.codes if isinstance(ks, QuantBlock) else ks).shape[2])
     total = sum(lens)
     f32 = any((x.scale if isinstance(x, QuantBlock) else x).dtype == torch.float32 for s in segments for x in s)
+    dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
+    side = _use_side(q.device, b * sum(n for n, dn in zip(lens, dense) if not dn), any(dense))
+    raw = CONFIG["imma_scales_query"]
+    if any(not (dn and side) and not (raw and _imma_takes(ks, vs, kind, f32))
+           for (ks, vs), dn in zip(segments, dense)):
+        qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
+    side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
     splits = [_splits(math.ceil(n / bn), programs, q.device,
                       _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"])
               for (ks, _), n, bn in zip(segments, lens, bns)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
-    dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
-    side = _side_stream(q.device, b * sum(n for n, dn in zip(lens, dense) if not dn), any(dense))
     launches, base, pos = [], 0, 0
     for (ks, vs), n, bn, ns, dn in zip(segments, lens, bns, splits, dense):
-        launches.append((dn, (q2, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)))
+        launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)))
         base += ns
         pos += n
     if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
@@ -937,17 +971,18 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
 _SIDE_STREAMS: dict = {}
 
 
-def _side_stream(device: torch.device, quant_tokens: int, dense: bool):
-    """A second stream for the dense segments (the recent-token residual), if there are any, when
-    the quantized ones hold enough tokens (``quant_tokens``, over the batch) to keep the GPU busy
-    meanwhile (``CONFIG["dense_side_tokens"]``), else ``None``.
+def _use_side(device: torch.device, quant_tokens: int, dense: bool) -> bool:
+    """Whether the dense segments (the recent-token residual), if there are any, run on a second
+    stream: when the quantized ones hold enough tokens (``quant_tokens``, over the batch) to keep
+    the GPU busy meanwhile (``CONFIG["dense_side_tokens"]``). The residual's few programs then run
+    beside the quantized segments' kernels instead of after them."""
+    return (device.type == "cuda" and dense and bool(CONFIG["dense_side_tokens"])
+            and quant_tokens >= CONFIG["dense_side_tokens"])
 
-    The residual's few programs then run beside the quantized segments' kernels instead of after
-    them. The stream has waited for the current one (the query and partials exist on it); the
-    caller makes the current stream wait for it before merging."""
-    if device.type != "cuda" or not dense or not CONFIG["dense_side_tokens"] or quant_tokens < CONFIG[
-            "dense_side_tokens"]:
-        return None
+
+def _side_stream(device: torch.device):
+    """The second stream of ``_use_side``, after it has waited for the current one (the query and
+    partials exist on it); the caller makes the current stream wait for it before merging."""
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     if key not in _SIDE_STREAMS:
         _SIDE_STREAMS[key] = torch.cuda.Stream(device)
@@ -987,23 +1022,27 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     hkv = pool.kv_heads
     kq = QuantBlock(pool.k_codes, pool.k_scale, pool.k_lo, pool.k_spec)
     vq = QuantBlock(pool.v_codes, pool.v_scale, pool.v_lo, pool.v_spec)
-    q2, m_rows, block_m = _prepare_q(q, hkv, scale)
+    qq = _Query(q, hkv, scale)
+    m_rows, block_m = qq.m_rows, qq.block_m
     kind = _kind(m_rows)
     bn = _block_n(kq, vq, kind, pool.page_size)
     if bn is None or pool.page_size % bn or not is_pow2(d) or d < 16 or (kind == "dot" and block_m > 128):
         return None
     r = 0 if k_res is None else k_res.shape[2]
     f32 = pool.k_scale.dtype == torch.float32
+    side = _use_side(q.device, b * max_len, r > 0)
+    if (r and not side) or not (CONFIG["imma_scales_query"] and _imma_takes(kq, vq, kind, f32, pool.page_size)):
+        qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
+    side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
     ns = _splits(math.ceil(max_len / bn), programs, q.device)
     nr = 1 if r else 0
     part = _Partials(ns + nr, b * hkv, m_rows, d, q.device)
-    side = _side_stream(q.device, b * max_len, r > 0)
     if r:
         with torch.cuda.stream(side) if side is not None else nullcontext():
-            _launch(q2, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
+            _launch(qq, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
                     f32)
-    _launch(q2, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32,
+    _launch(qq, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32,
             paged=(table, lengths, pool.page_size))
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)

@@ -317,12 +317,12 @@ def _staged_words(tok, a, ptr, never, KBITS: tl.constexpr):
 
 
 @triton.jit
-def _staged_value_loads(src, tok, ok, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS: tl.constexpr,
+def _staged_value_loads(src, tok, ok, gs, gl, vs_ptr, vc_ptr, f32_ptr, never, KBITS: tl.constexpr,
                         VBITS: tl.constexpr):
     """``_value_loads`` of the tile at shared address ``src`` (``_stage_tiles``: key rows, value
     rows, value scales and offsets), read after ``tok``; scales and offsets of a tile past the
     end (``ok`` false: its stage holds stale bytes) are 0, as the loads' masks make them.
-    ``vc_ptr``, ``q_ptr`` (int32 and float32 rows) and ``never``: ``_pin``'s."""
+    ``vc_ptr``, ``f32_ptr`` (int32 and float32 rows, never read) and ``never``: ``_pin``'s."""
     lane = tl.arange(0, 32)
     g = lane // 4
     t = lane % 4
@@ -338,10 +338,10 @@ def _staged_value_loads(src, tok, ok, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBIT
     v12 = _staged_value_words(tok, a + 18 * row, vc_ptr, never, VBITS)
     v13 = _staged_value_words(tok, a + 19 * row, vc_ptr, never, VBITS)
     s = v + 512 * VBITS + 16 * t  # tokens 4t .. 4t + 3: a word each, (group 0, group 1) halves
-    sv = tl.join(_pin(_staged_group(tok, s, gs, vs_ptr), q_ptr, never),
-                 _pin(_staged_group(tok, s + 64, gs, vs_ptr), q_ptr, never))
-    lv = tl.join(_pin(_staged_group(tok, s + 128, gl, vs_ptr), q_ptr, never),
-                 _pin(_staged_group(tok, s + 192, gl, vs_ptr), q_ptr, never))
+    sv = tl.join(_pin(_staged_group(tok, s, gs, vs_ptr), f32_ptr, never),
+                 _pin(_staged_group(tok, s + 64, gs, vs_ptr), f32_ptr, never))
+    lv = tl.join(_pin(_staged_group(tok, s + 128, gl, vs_ptr), f32_ptr, never),
+                 _pin(_staged_group(tok, s + 192, gl, vs_ptr), f32_ptr, never))
     return v00, v01, v02, v03, v10, v11, v12, v13, tl.where(ok, sv, 0.0), tl.where(ok, lv, 0.0)
 
 
@@ -367,18 +367,18 @@ def _staged_group(tok, a, grp, vs_ptr):
 
 
 @triton.jit
-def _staged_step(src, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, never, KBITS: tl.constexpr,
+def _staged_step(src, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, f32_ptr, never, KBITS: tl.constexpr,
                  VBITS: tl.constexpr, STEP: tl.constexpr):
     """The key words (as ``_step_key_words``) and value loads (as ``_step_value_loads``) of the
     ``STEP`` tiles from ``tile`` on, from their stage at shared address ``src``."""
     TB: tl.constexpr = _tile_stage_bytes(KBITS, VBITS)
     kw0 = _staged_key_words(src, tok, kc_ptr, never, KBITS)
-    vw0 = _staged_value_loads(src, tok, tile * 32 < end, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS, VBITS)
+    vw0 = _staged_value_loads(src, tok, tile * 32 < end, gs, gl, vs_ptr, vc_ptr, f32_ptr, never, KBITS, VBITS)
     if STEP == 1:
         r = ((kw0,), (vw0,))
     else:
         kw1 = _staged_key_words(src + TB, tok, kc_ptr, never, KBITS)
-        vw1 = _staged_value_loads(src + TB, tok, (tile + 1) * 32 < end, gs, gl, vs_ptr, vc_ptr, q_ptr, never, KBITS,
+        vw1 = _staged_value_loads(src + TB, tok, (tile + 1) * 32 < end, gs, gl, vs_ptr, vc_ptr, f32_ptr, never, KBITS,
                                   VBITS)
         r = ((kw0, kw1), (vw0, vw1))
     return r
@@ -607,7 +607,7 @@ def _value_operands(s, m_ref, sv, lv, f_lane, sel):
 @triton.jit
 def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
                    len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
-                   T, QOFF, tiles_per_split, split_base, Hkv, M, L,
+                   T, QOFF, tiles_per_split, split_base, Hkv, M, L, qscale,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
                    PAGE: tl.constexpr, SCONTIG: tl.constexpr, STEP: tl.constexpr, L2AHEAD: tl.constexpr,
                    STAGES: tl.constexpr):
@@ -658,7 +658,7 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
     else:  # 32t + 8s + 4hh + i
         kd = 32 * t + 4 * g + u4
-    q4 = tl.load(q_ptr + pid * 128 + kd)
+    q4 = tl.load(q_ptr + pid * 128 + kd).to(tl.float32) * qscale
     if KBITS == 4:  # high nibbles arrive as 16 * code
         qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
     else:
@@ -706,7 +706,7 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
                          VBITS, STEP, PAGED, PAGE)
             cur = k % STAGES
             tok = ptx.wait(bars + 8 * cur + 0 * lane, (k // STAGES) % 2 + 0 * lane)
-            kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, q_ptr, never,
+            kw, vw = _staged_step(smem + cur * SB, tok, tile, end, gs, gl, kc_ptr, vc_ptr, vs_ptr, o_ptr, never,
                                   KBITS, VBITS, STEP)
         else:
             vw = _step_value_loads(tile, t_hi, end, b, h, g, t, gs, gl, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b,
@@ -749,10 +749,12 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           step: int = 1, l2_ahead: int = 0, stages: int = 0, maxnreg: int = 0) -> None:
+           step: int = 1, l2_ahead: int = 0, stages: int = 0, maxnreg: int = 0, qscale: float = 1.0) -> None:
     """Run the decode kernel for one segment into ``part`` (from ``decode_attention._launch``).
 
-    ``q2``: float32 [B * Hkv, M, 128] (scale * log2 e folded in); ``kside``/``vside``: a
+    ``q2``: [B * Hkv, M, 128] contiguous, float32, float16 or bfloat16: the query rows, which the
+    kernel multiplies by ``qscale`` (scale * log2 e, or 1.0 where ``q2`` has it folded in): no
+    kernel before this one scales them; ``kside``/``vside``: a
     ``QuantBlock`` that ``supported`` accepts as ``decode_attention._side_arrays`` gives it
     (int32 code words, scale, offset, their strides); ``kbits``/``vbits``: 4 or 8; ``gk``: the key
     group size; ``table``: ``(table, lengths, table stride, page size, paged)``; ``step``: 32-token
@@ -785,7 +787,7 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
         stages = 0
     _decode_kernel[(rows, n_splits)](
         q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
-        T, qoff, tiles_per_split, split_base, hkv, m_rows, L, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
+        T, qoff, tiles_per_split, split_base, hkv, m_rows, L, qscale, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
         PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, STAGES=stages, num_warps=1, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
 
