@@ -7,7 +7,8 @@ Batch 16 x 40 heads x 128, 32K tokens (the last 128 in float16), one query token
 * the whole call (decode_imma scales the query itself; the residual's kernel on the side stream),
   with the query scaled by torch kernels first (``CONFIG["imma_scales_query"]`` off), and with
   the residual on the main stream;
-* the call without the residual, and the residual alone;
+* the call without the residual, and the residual alone as a call of its own (host-bound at this
+  size: mostly the time to issue it);
 * the query's scaling alone, the quantized segment's kernel alone (query and partials made
   before), that kernel then the merge;
 
