@@ -5,7 +5,7 @@ machines, so a change is judged against the previous kernel on the same data in 
 run, interleaved. Write the earlier kernel file next to the current one first:
 
     python bench/ab_kernels.py --setup HEAD                  # decode_attention.py at HEAD
-    python bench/ab_kernels.py --setup HEAD --kernel imma    # decode_imma.py at HEAD
+    python bench/ab_kernels.py --setup HEAD --kernel imma    # decode_imma.py and ptx.py at HEAD
     python bench/ab_kernels.py --setup old.py --kernel imma  # or from a file
     python bench/ab_kernels.py [--kernel imma]               # on the GPU; JSON to $OUT or bench/results
     AB_GRID4="1,0,128,3,0;2,1,64,0,0,0" python bench/ab_kernels.py --kernel imma  # settings to try, per width
@@ -30,15 +30,33 @@ FILES = {"rows": "decode_attention.py", "imma": "decode_imma.py"}
 
 
 def setup(rev: str, kernel: str) -> None:
-    """Write ``_old_<file>`` from git revision ``rev``, or from the file at path ``rev``."""
-    path = f"{PKG}/{FILES[kernel]}"
+    """Write ``_old_<file>`` from git revision ``rev``, or from the file at path ``rev``. The old
+    decode_imma gets the inline PTX of ``ptx.py`` at ``rev`` too (``_old_ptx.py``; from a file
+    ``rev``, the working tree's), so a change there is compared as well (on the GPU: under
+    ``--smoke`` the interpreter emulates only the asm strings of the working tree's ``ptx``)."""
+    _write_old(FILES[kernel], rev)
+    if kernel == "imma" and not os.path.isfile(rev):
+        _write_old("ptx.py", rev)
+        out = os.path.join(HERE, "..", PKG, "_old_" + FILES[kernel])
+        with open(out) as f:
+            src = f.read()
+        imports = "from . import capability, ptx\n"
+        if imports not in src:
+            raise SystemExit(f"{out}: no {imports.strip()!r} to point at _old_ptx")
+        with open(out, "w") as f:
+            f.write(src.replace(imports, "from . import _old_ptx as ptx\nfrom . import capability\n"))
+
+
+def _write_old(name: str, rev: str) -> None:
+    """``_old_<name>`` beside ``<name>`` in the kernel package, from git revision (or file) ``rev``."""
+    path = f"{PKG}/{name}"
     if os.path.isfile(rev):
         with open(rev) as f:
             src = f.read()
     else:
         src = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True,
                              cwd=os.path.join(HERE, "..")).stdout
-    out = os.path.join(HERE, "..", PKG, "_old_" + FILES[kernel])
+    out = os.path.join(HERE, "..", PKG, "_old_" + name)
     with open(out, "w") as f:
         f.write(f"# {path} at {rev}, for bench/ab_kernels.py; not part of the package\n" + src)
     print(f"wrote {os.path.normpath(out)}")

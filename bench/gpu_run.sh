@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, the compiled kernel tests, then the benchmarks named in $@ (default: decode).
 # Copies logs and results to $OUT. Usage on the GPU machine: bash bench/gpu_run.sh [decode] [jax] [store] [tests] [ab] [combine] [breakdown]
-# (ab: bench/ab_kernels.py --kernel $AB_KERNEL, default imma; carry the _old_ kernel file it needs)
+# (ab: bench/ab_kernels.py --kernel $AB_KERNEL, default imma; carry the _old_ files its --setup wrote)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
