@@ -842,12 +842,12 @@ def _imma_takes(kside, vside, kind: str, f32: bool, page: int | None = None) -> 
 
 
 def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
-            hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, paged=None):
+            hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, imma: bool, paged=None):
+    """One segment's kernels into ``part``; ``imma``: ``_imma_takes`` of the segment (its caller has it)."""
     kb, vb = [], []
     rows = kind == "rows"
     kc, ks, kl, skc, sks = _side_arrays(kside, kb, rows)
     vc, vs, vl, svc, svs = _side_arrays(vside, vb, rows)
-    imma = _imma_takes(kside, vside, kind, f32, None if paged is None else paged[2])
     q2 = None if imma else qq.scaled()
     d = qq.rows.shape[-1]
     if paged is None:
@@ -943,9 +943,9 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     f32 = any((x.scale if isinstance(x, QuantBlock) else x).dtype == torch.float32 for s in segments for x in s)
     dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
     side = _use_side(q.device, b * sum(n for n, dn in zip(lens, dense) if not dn), any(dense))
+    imma = [_imma_takes(ks, vs, kind, f32) for ks, vs in segments]
     raw = CONFIG["imma_scales_query"]
-    if any(not (dn and side) and not (raw and _imma_takes(ks, vs, kind, f32))
-           for (ks, vs), dn in zip(segments, dense)):
+    if any(not (dn and side) and not (raw and im) for im, dn in zip(imma, dense)):
         qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
     side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
@@ -954,8 +954,9 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
               for (ks, _), n, bn in zip(segments, lens, bns)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     launches, base, pos = [], 0, 0
-    for (ks, vs), n, bn, ns, dn in zip(segments, lens, bns, splits, dense):
-        launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32)))
+    for (ks, vs), n, bn, ns, dn, im in zip(segments, lens, bns, splits, dense, imma):
+        launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32,
+                              im)))
         base += ns
         pos += n
     if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
@@ -1031,7 +1032,8 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     r = 0 if k_res is None else k_res.shape[2]
     f32 = pool.k_scale.dtype == torch.float32
     side = _use_side(q.device, b * max_len, r > 0)
-    if (r and not side) or not (CONFIG["imma_scales_query"] and _imma_takes(kq, vq, kind, f32, pool.page_size)):
+    imma = _imma_takes(kq, vq, kind, f32, pool.page_size)
+    if (r and not side) or not (CONFIG["imma_scales_query"] and imma):
         qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
     side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
@@ -1041,8 +1043,8 @@ def paged_decode_attention(q: torch.Tensor, pool, table: torch.Tensor, lengths: 
     if r:
         with torch.cuda.stream(side) if side is not None else nullcontext():
             _launch(qq, k_res, v_res, part, ns, 1, r - L, r, hkv, m_rows, L, block_m, CONFIG[kind]["block_n"], kind,
-                    f32)
-    _launch(qq, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32,
+                    f32, False)
+    _launch(qq, kq, vq, part, 0, ns, r - L, max_len, hkv, m_rows, L, block_m, bn, kind, f32, imma,
             paged=(table, lengths, pool.page_size))
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)

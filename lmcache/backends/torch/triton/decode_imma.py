@@ -224,17 +224,30 @@ def _l2_tiles(tile, end, b, h, kc_ptr, vc_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b, s
     ``tile`` on to be brought into L2 (``ptx.l2_bulk``, lane 0); none from ``end`` on. Rows of codes
     are contiguous along the tokens (``launch`` checks it)."""
     lane = tl.arange(0, 32)
-    zero = tl.zeros([32], tl.int64)
     for i in tl.static_range(N):
         n0 = (tile + i) * 32
         on = ((lane == 0) & (n0 < end)).to(tl.int32)
-        loc, k_base, _, v_base, vs_base = _tile_bases(tl.minimum(n0, tl.maximum(end - 32, 0)), b, h, tbl_ptr,
-                                                      stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b, svs_h,
-                                                      PAGED, PAGE)
-        ptx.l2_bulk(on, (kc_ptr + k_base + loc * skc_t).to(tl.int64, bitcast=True) + zero, 128 * skc_t + 0 * lane)
-        ptx.l2_bulk(on, (vc_ptr + v_base + loc * svc_t).to(tl.int64, bitcast=True) + zero, 128 * svc_t + 0 * lane)
+        k_at, v_at, vs_at, _ = _tile_sources(n0, end, b, h, kc_ptr, vc_ptr, vs_ptr, vs_ptr, tbl_ptr, stbl_b, skc_b,
+                                             skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, PAGED, PAGE)
+        ptx.l2_bulk(on, k_at, 128 * skc_t + 0 * lane)
+        ptx.l2_bulk(on, v_at, 128 * svc_t + 0 * lane)
         if SCONTIG:
-            ptx.l2_bulk(on, (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero, 128 + 0 * lane)
+            ptx.l2_bulk(on, vs_at, 128 + 0 * lane)
+
+
+@triton.jit
+def _tile_sources(n0, end, b, h, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, svc_b, svc_h,
+                  svc_t, svs_b, svs_h, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Global byte addresses (int64 [32], the same in every lane) of the 32-token tile at token
+    ``n0``: its key rows, value rows, value scales and value offsets (``[.., T, 2]``). A tile from
+    ``end`` on takes the last tile's addresses (the bulk operations that read them are off)."""
+    loc, k_base, _, v_base, vs_base = _tile_bases(tl.minimum(n0, tl.maximum(end - 32, 0)), b, h, tbl_ptr, stbl_b,
+                                                  skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b, svs_h, PAGED, PAGE)
+    zero = tl.zeros([32], tl.int64)
+    return ((kc_ptr + k_base + loc * skc_t).to(tl.int64, bitcast=True) + zero,
+            (vc_ptr + v_base + loc * svc_t).to(tl.int64, bitcast=True) + zero,
+            (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero,
+            (vl_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero)
 
 
 @triton.constexpr_function
@@ -254,7 +267,6 @@ def _stage_tiles(tile, end, b, h, dst, bar, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_
     offsets, one after another (``_tile_stage_bytes``); the next tile follows. Rows of codes are
     contiguous along the tokens, value scales and offsets ``[.., T, 2]`` (``launch`` checks it)."""
     lane = tl.arange(0, 32)
-    zero = tl.zeros([32], tl.int64)
     KT: tl.constexpr = 512 * KBITS
     VT: tl.constexpr = 512 * VBITS
     TB: tl.constexpr = _tile_stage_bytes(KBITS, VBITS)
@@ -266,18 +278,14 @@ def _stage_tiles(tile, end, b, h, dst, bar, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_
     for i in tl.static_range(N):
         n0 = (tile + i) * 32
         on = lead * (n0 < end).to(tl.int32)
-        loc, k_base, _, v_base, vs_base = _tile_bases(tl.minimum(n0, tl.maximum(end - 32, 0)), b, h, tbl_ptr,
-                                                      stbl_b, skc_b, skc_h, 0, 0, svc_b, svc_h, svs_b, svs_h,
-                                                      PAGED, PAGE)
+        k_at, v_at, vs_at, vl_at = _tile_sources(n0, end, b, h, kc_ptr, vc_ptr, vs_ptr, vl_ptr, tbl_ptr, stbl_b,
+                                                 skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, svs_b, svs_h, PAGED, PAGE)
         d = dst + i * TB + 0 * lane
         bb = bar + 0 * lane
-        ptx.bulk_copy(on, d, (kc_ptr + k_base + loc * skc_t).to(tl.int64, bitcast=True) + zero, KT + 0 * lane, bb)
-        ptx.bulk_copy(on, d + KT, (vc_ptr + v_base + loc * svc_t).to(tl.int64, bitcast=True) + zero, VT + 0 * lane,
-                      bb)
-        ptx.bulk_copy(on, d + (KT + VT), (vs_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero,
-                      128 + 0 * lane, bb)
-        ptx.bulk_copy(on, d + (KT + VT + 128), (vl_ptr + vs_base + loc * 2).to(tl.int64, bitcast=True) + zero,
-                      128 + 0 * lane, bb)
+        ptx.bulk_copy(on, d, k_at, KT + 0 * lane, bb)
+        ptx.bulk_copy(on, d + KT, v_at, VT + 0 * lane, bb)
+        ptx.bulk_copy(on, d + (KT + VT), vs_at, 128 + 0 * lane, bb)
+        ptx.bulk_copy(on, d + (KT + VT + 128), vl_at, 128 + 0 * lane, bb)
 
 
 @triton.jit
