@@ -50,7 +50,8 @@ def parts(q, segs, scale) -> dict:
     part = da._Partials(ns, b * hkv, m_rows, d, q.device)
 
     def kernel():
-        da._launch(qq, kq, vq, part, 0, ns, total - L, n, hkv, m_rows, L, block_m, bn, "rows", False)
+        da._launch(qq, kq, vq, part, 0, ns, total - L, n, hkv, m_rows, L, block_m, bn, "rows", False,
+                   da._imma_takes(kq, vq, "rows", False))
 
     def kernel_merge():
         kernel()

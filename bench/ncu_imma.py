@@ -2,12 +2,13 @@
 
     ncu --clock-control none -k regex:_decode_kernel --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats --section SchedulerStats --section Occupancy \\
-        python bench/ncu_imma.py 4 step=2,l2=1,stages=0
+        python bench/ncu_imma.py 4 step=2,l2_ahead=1,stages=0
 
 Batch 16 x 40 heads x 128, 32K tokens, one query token (as ``bench/decode_attention.py``); the
 decode function runs three times, so ``--launch-skip 2`` profiles a warm call. The settings are
-``CONFIG`` entries of ``decode_attention`` for the given bits: ``step`` (``imma_step``), ``l2``
-(``imma_l2_ahead``), ``stages`` (``imma_stages``), ``pps`` (``programs_per_sm``).
+``CONFIG`` entries of ``decode_attention`` for the given bits, named as the benchmark's sweep names
+them (``decode_attention.IMMA_PER_BITS``: ``step``, ``l2_ahead``, ``stages``), and ``pps``
+(``programs_per_sm``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import decode_attention as bench  # noqa: E402
 
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
 
-KEYS = {"step": "imma_step", "l2": "imma_l2_ahead", "stages": "imma_stages"}
-
 
 def main() -> None:
     bits = int(sys.argv[1])
@@ -32,7 +31,8 @@ def main() -> None:
         if name == "pps":
             da.CONFIG["programs_per_sm"] = int(value)
         else:
-            da.CONFIG[KEYS[name]] = {**da.CONFIG[KEYS[name]], bits: int(value)}
+            key = bench.IMMA_PER_BITS[name]
+            da.CONFIG[key] = {**da.CONFIG[key], bits: int(value)}
     torch.manual_seed(0)
     k = torch.randn(16, 40, 32768, 128, dtype=torch.float16, device="cuda")
     v = torch.randn_like(k)
