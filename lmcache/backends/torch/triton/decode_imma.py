@@ -543,7 +543,7 @@ def _step_value_operands(s, m_ref, vw, f_lane, sel, STEP: tl.constexpr):
 
 
 @triton.jit
-def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols, sel, o_row,
+def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, live, t, wv0, wv1, f, cols, sel, o_row,
                  VBITS: tl.constexpr, STEP: tl.constexpr):
     """A loop step's softmax step (one for its tiles: the reference's move, a fold if it moves) and
     value products, from its scores (``_step_scores``) and value loads (``_step_value_loads``);
@@ -551,6 +551,8 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols, sel,
 
     The float32 outputs live in the split's partial-output row ``o_row`` (halves 0 and 1 at
     ``o_row`` and ``o_row + 1``, written by lanes t = 0), not in registers: they change only at a fold.
+    ``live``: 1 once a fold has written them; before, they are zero and not read (the fold of a
+    program's first step, with nothing summed yet, writes nothing).
 
     ``f``: the values' fixed point ``F`` (``p * scale * F < 2**23`` for ``p <= _P_MAX``; 0 before
     any nonzero value scale); a step with a larger scale than ``F`` takes folds the integer sums and
@@ -574,8 +576,9 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols, sel,
         alpha = tl.math.exp2(m_ref - m_new)
         c0, c1, c2, c3 = c
         f0, f1 = _fold(c0, c1, c2, c3, wv0, wv1, f, VBITS)
-        tl.store(o_row, (tl.load(o_row, mask=t == 0) + f0) * alpha, mask=t == 0)
-        tl.store(o_row + 1, (tl.load(o_row + 1, mask=t == 0) + f1) * alpha, mask=t == 0)
+        add = tl.where(since > 0, 1, 0)
+        _fold_out(o_row, f0, f1, alpha, live, add, t)
+        live = live | add
         zero = tl.zeros([32, 8], tl.int32)
         c = (zero, zero, zero, zero)
         acc_lo = acc_lo * alpha
@@ -588,7 +591,18 @@ def _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols, sel,
         l_p += ops[i][2]
         acc_lo += ops[i][3]
         c = _value_product(vw[i], ops[i], c, VBITS)
-    return m_ref, l_p, c, acc_lo, since + STEP, f
+    return m_ref, l_p, c, acc_lo, since + STEP, live, f
+
+
+@triton.jit
+def _fold_out(o_row, f0, f1, alpha, live, add, t):
+    """The partial-output row's halves (``o_row``, ``o_row + 1``; lanes t = 0) plus ``f0``/``f1``,
+    times ``alpha``: read only where ``live`` (earlier folds wrote them, else they are zero: no load
+    to wait for at a program's start and end), written where ``live`` or ``add`` (int32 0 / 1)."""
+    keep = (t == 0) & (t * 0 + live != 0)  # as [32, 1]: the interpreter's masks take no 0-d flag
+    write = (t == 0) & (t * 0 + (live | add) != 0)
+    tl.store(o_row, (tl.load(o_row, mask=keep, other=0.0) + f0) * alpha, mask=write)
+    tl.store(o_row + 1, (tl.load(o_row + 1, mask=keep, other=0.0) + f1) * alpha, mask=write)
 
 
 @triton.jit
@@ -648,31 +662,22 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     else:  # m-tile (J, jj), half i: dimension 4J + i + 2jj
         dim = 4 * (mt // 2) + 2 * (mt % 2)
     o_row = o_ptr + (ps_idx * M + rq) * 128 + 16 * g + dim  # [32, 8]: half 0; half 1 at + 1
-    tl.store(o_row, tl.zeros([32, 8], tl.float32), mask=t == 0)
-    tl.store(o_row + 1, tl.zeros([32, 8], tl.float32), mask=t == 0)
 
     m_ref = tl.max(tl.full([32], -1.0e30, tl.float32), axis=0)
     l_p = tl.zeros([32, 1], tl.float32)
     zero = tl.zeros([32, 8], tl.int32)
     c = (zero, zero, zero, zero)
     acc_lo = tl.zeros([32, 1], tl.float32)
-    since = 0
+    since = tl.full((), 0, tl.int32)
+    live = tl.full((), 0, tl.int32)  # o_row written (see _fold_out)
     # The next step's key operands, from scales loaded a step before, are made an iteration ahead,
     # and so are its key words without STAGES: the key product waits for no load. STEP 2: two tiles per step
     # under one softmax step (twice the bytes in flight per warp; key groups of 64 or more, splits
     # of an even number of tiles)
     tl.static_assert(STEP == 1 or GK >= 64, "two tiles per step take key groups of 64 or more")
-    if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
-        kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
-    else:  # 32t + 8s + 4hh + i
-        kd = 32 * t + 4 * g + u4
-    q4 = tl.load(q_ptr + pid * 128 + kd).to(tl.float32) * qscale
-    if KBITS == 4:  # high nibbles arrive as 16 * code
-        qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
-    else:
-        qx4 = q4
-    ko = _key_operands(q4, qx4, _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h,
-                                             sks_t, GK, PAGED, PAGE))
+    # The first tiles' loads (the stages, or the first step's key words) are issued before the query
+    # and the first key scales are loaded: a program's first tile and its first key operands then
+    # take one DRAM round trip, not one after the other (4-bit 0.781 -> 0.773 ms, same process).
     if STAGES:
         # the tiles of the next STAGES - 1 steps are on their way into shared memory (``_stage_tiles``):
         # loop step k reads stage k % STAGES once its barrier's phase k // STAGES has completed, and
@@ -693,6 +698,17 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     else:
         kw = _step_key_words(t_lo, t_hi, end, b, h, g, t, u4, kc_ptr, tbl_ptr, stbl_b, skc_b, skc_h, skc_t, KBITS,
                              PAGED, PAGE, STEP)
+    if KBITS == 4:  # the dimensions of B register g = 2s + hh of column t: 32t + 8s + 2i + hh
+        kd = 32 * t + 8 * (g // 2) + (g % 2) + 2 * u4
+    else:  # 32t + 8s + 4hh + i
+        kd = 32 * t + 4 * g + u4
+    q4 = tl.load(q_ptr + pid * 128 + kd).to(tl.float32) * qscale
+    if KBITS == 4:  # high nibbles arrive as 16 * code
+        qx4 = tl.where(g % 2 == 1, q4 * 0.0625, q4)
+    else:
+        qx4 = q4
+    ko = _key_operands(q4, qx4, _scale_loads(t_lo, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h,
+                                             sks_t, GK, PAGED, PAGE))
     sc = _scale_loads(t_lo + STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK, PAGED,
                       PAGE)
     # L2AHEAD: the tiles of the step that many steps ahead are brought into L2 by the TMA unit
@@ -725,8 +741,8 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
         sc = _scale_loads(tile + 2 * STEP, t_hi, b, h, kd, tbl_ptr, stbl_b, ks_ptr, kl_ptr, sks_b, sks_h, sks_t, GK,
                           PAGED, PAGE)
         s = _step_scores(tile * 32, ko, kw, end, qpos, g, t, wk0, wk1, KBITS, STEP)
-        m_ref, l_p, c, acc_lo, since, f = _step_values(s, vw, m_ref, l_p, c, acc_lo, since, t, wv0, wv1, f, cols,
-                                                       sel, o_row, VBITS, STEP)
+        m_ref, l_p, c, acc_lo, since, live, f = _step_values(s, vw, m_ref, l_p, c, acc_lo, since, live, t, wv0, wv1,
+                                                             f, cols, sel, o_row, VBITS, STEP)
         ko = nko
         if not STAGES:
             kw = nkw
@@ -737,8 +753,9 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     lo = ptx.bfly(ptx.bfly(acc_lo, 1), 2)  # [32, 1]: group gl's offsets, over the 4 lanes' tokens
     tl.store(m_ptr + ps_idx * M + rq, m_ref)
     tl.store(l_ptr + ps_idx * M + rq, tl.sum(tl.sum(l_p, axis=1), axis=0))
-    tl.store(o_row, tl.load(o_row, mask=t == 0) + f0 + lo, mask=t == 0)
-    tl.store(o_row + 1, tl.load(o_row + 1, mask=t == 0) + f1 + lo, mask=t == 0)
+    keep = (t == 0) & (t * 0 + live != 0)
+    tl.store(o_row, tl.load(o_row, mask=keep, other=0.0) + f0 + lo, mask=t == 0)
+    tl.store(o_row + 1, tl.load(o_row + 1, mask=keep, other=0.0) + f1 + lo, mask=t == 0)
 
 
 @triton.jit
