@@ -94,7 +94,7 @@ def configs_imma(bits: int) -> dict:
                 "imma_step": {**da.CONFIG["imma_step"], bits: step or da.CONFIG["imma_step"][bits]},
                 "imma_stages": {**da.CONFIG["imma_stages"], bits: da.CONFIG["imma_stages"][bits] if stages is None
                                 else stages},
-                "imma_maxnreg": {**da.CONFIG["imma_maxnreg"], bits: maxnreg},
+                "imma_maxnreg": {**da.CONFIG["imma_maxnreg"], bits: maxnreg}, "imma_tune": {},
                 "programs_per_sm": pps or da.CONFIG["programs_per_sm"]}
 
     def swap(mod):
@@ -123,9 +123,16 @@ def configs_imma(bits: int) -> dict:
             (1, 0, 96, 4, 0), (1, 0, 128, 3, 128)]
     if os.environ.get(f"AB_GRID{bits}"):  # e.g. AB_GRID4="2,0,64,3,0;2,0,72,3,168"
         grid = [tuple(int(x) for x in item.split(",")) for item in os.environ[f"AB_GRID{bits}"].split(";")]
-    # AB_CONFIGS="dense_first=false;dense_min_tiles=2": the default settings with CONFIG entries changed
+    # AB_CONFIGS="dense_min_tiles=2;rows.num_warps=1,rows.block_n=64": the default settings with CONFIG
+    # entries (or one key of a nested entry) changed
     for item in filter(None, os.environ.get("AB_CONFIGS", "").split(";")):
-        extra = {k: json.loads(v) for k, v in (kv.split("=") for kv in item.split(","))}
+        extra = {}
+        for k, v in (kv.split("=") for kv in item.split(",")):
+            if "." in k:  # rows.num_warps=1: one entry of a nested setting
+                top, sub = k.split(".", 1)
+                extra[top] = {**extra.get(top, da.CONFIG[top]), sub: json.loads(v)}
+            else:
+                extra[k] = json.loads(v)
         cfgs[f"new {item}"] = (da.decode_attention, da.CONFIG, {**c(), **extra}, swap(new))
     for step, l2, pps, stages, maxnreg, *raw in grid:
         tag = f" raw={raw[0]}" if raw else ""

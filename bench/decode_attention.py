@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lmcache.backends.base import QuantBlock  # noqa: E402
+from lmcache.backends.torch.triton import autotune  # noqa: E402
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
 from lmcache.backends.torch.triton import quantize as qz  # noqa: E402
 from lmcache.backends.torch.triton.dequantize import dequantize  # noqa: E402
@@ -158,6 +159,7 @@ def sweep(caches, q, scale) -> dict:
         da.CONFIG["programs_per_sm"] = pps or saved["programs_per_sm"]
         da.CONFIG["rows"] = {**saved["rows"], "qrows": qrows}
         da.CONFIG["imma"] = key == "imma"
+        da.CONFIG["imma_tune"] = {}  # the settings tried here, not the library's own choice
         if key == "imma":
             for name, entry in IMMA_PER_BITS.items():
                 da.CONFIG[entry] = {**saved[entry], bits: cfg[name]}
@@ -418,6 +420,9 @@ def main() -> None:
                   "residual_fp16_tokens": RESIDUAL},
         "copy_bandwidth_Bps": bw, "quantize_pack_32k": quant, "decode": rows, "sweep": sweep_result,
         "config": {k: v for k, v in da.CONFIG.items()}, "gqa": extra,
+        # decode_imma settings the library timed and chose on this card (CONFIG["imma_tune"])
+        "imma_tuned": [{"class": [str(x) for x in key], "chose": choice or "defaults"}
+                       for key, choice in autotune.choices().items()],
         "targets": {"q4_speedup_b16_32k": target["q4_speedup"], "q4_target": 3.2,
                     "q8_speedup_b16_32k": target["q8_speedup"], "q8_target": 1.7,
                     "quantize_fraction_of_copy_4bit": quant[4]["fraction_of_copy"], "quantize_target": 0.6},

@@ -26,6 +26,7 @@ from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
 
 def main() -> None:
     bits = int(sys.argv[1])
+    da.CONFIG["imma_tune"] = {}  # the settings named here, not the library's timed choice
     for item in (sys.argv[2].split(",") if len(sys.argv) > 2 else []):
         name, value = item.split("=")
         if name == "pps":

@@ -320,6 +320,81 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
                                rtol=TOL[torch.float16])
 
 
+def test_imma_settings_untimed_off_gpu(rng, monkeypatch):
+    """Off a GPU decode_imma's settings are CONFIG's defaults, with nothing timed; none where no
+    segment takes decode_imma or segments of two widths do; a forced setting (what autotune
+    imposes while it times) overrides the defaults."""
+    from lmcache.backends.torch.triton import autotune
+
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    alt = {"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64}
+    monkeypatch.setitem(da.CONFIG, "imma_tune", {4: [alt]})
+    monkeypatch.setitem(da.CONFIG, "imma_tune_tokens", 1)
+    segs = _cache(rng, 1, 2, 64 * 3, 5, 128, 4, 4, 64, torch.float16, gv=64)
+    q = torch.zeros(1, 2, 1, 128, dtype=torch.float16)
+    assert da._imma_settings(q, segs, 0.1, [True, False], 192, 1) == da._imma_defaults(4)
+    assert da._imma_settings(q, segs, 0.1, [False, False], 192, 1) is None
+    wider = _cache(rng, 1, 2, 64 * 3, 5, 128, 8, 8, 64, torch.float16, gv=64)
+    mixed = [segs[0], wider[0]]  # blocks of two widths: each launch takes its own defaults
+    assert da._imma_settings(q, mixed, 0.1, [True, True], 384, 1) is None
+    monkeypatch.setattr(da, "_FORCED", alt)
+    assert da._imma_settings(q, segs, 0.1, [True, False], 192, 1) == alt
+    assert autotune._CHOSEN == {}
+
+
+@pytest.mark.cuda
+def test_imma_autotune_times_once_and_matches(rng, monkeypatch):
+    """Compiled only: the first call of a class of problem with enough quantized tokens times
+    the default decode_imma settings against ``CONFIG["imma_tune"]``'s alternative, keeps the
+    faster for the calls after it (nothing timed again), and a CUDA graph captured for a class
+    not timed yet takes the defaults without timing (no synchronisation in a capture). Every
+    candidate gives the reference result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from lmcache.backends.torch.triton import autotune
+
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    alt = {"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64}
+    monkeypatch.setitem(da.CONFIG, "imma_tune", {4: [alt]})
+    monkeypatch.setitem(da.CONFIG, "imma_tune_tokens", 1)
+    stages = _imma_stages(monkeypatch)
+    segs = _cache(rng, 2, 2, 64 * 37, 77, 128, 4, 4, 64, torch.float16, gv=64)
+    q = torch.from_numpy(rng.standard_normal((2, 2, 1, 128)).astype(np.float32)).half().cuda()
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert set(stages) == {3, 0}  # both timed
+    [choice] = autotune._CHOSEN.values()
+    assert choice in ({}, alt)
+    ref = _reference(q, segs)
+    np.testing.assert_allclose(out.float().cpu().numpy(), ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    stages.clear()
+    again = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert stages == [0 if choice else 3]
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    for forced in ({}, alt):
+        monkeypatch.setattr(da, "_FORCED", forced)
+        got = da.decode_attention(q, segs, 1 / np.sqrt(128)).float().cpu().numpy()
+        np.testing.assert_allclose(got, ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    monkeypatch.setattr(da, "_FORCED", None)
+    # a class not timed yet, captured in a graph: the defaults, nothing timed
+    q1 = q[:1].clone()
+    segs1 = _cache(rng, 1, 2, 64 * 37, 77, 128, 4, 4, 64, torch.float16, gv=64)
+    monkeypatch.setitem(da.CONFIG, "dense_side_tokens", 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture, as the defaults
+        monkeypatch.setattr(da, "_FORCED", {})
+        eager = da.decode_attention(q1, segs1, 1 / np.sqrt(128))
+        monkeypatch.setattr(da, "_FORCED", None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    stages.clear()
+    with torch.cuda.graph(graph):
+        captured = da.decode_attention(q1, segs1, 1 / np.sqrt(128))
+    graph.replay()
+    assert stages == [3] and len(autotune._CHOSEN) == 1
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
 def _imma_stages(monkeypatch) -> list:
     """The ``STAGES`` each launch of decode_imma's kernel compiles with, as a list filled by the calls."""
     from lmcache.backends.torch.triton import decode_imma

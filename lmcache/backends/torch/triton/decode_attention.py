@@ -138,7 +138,20 @@ CONFIG = {
     # (bench/results/decode_imma-ab-query-NVIDIA-H200.json); on another card the call 797.0 -> 777.6
     # us, of which the residual 7.5 us where it was 17.8 (breakdown_imma-NVIDIA-H200.json).
     "imma_scales_query": True,
+    # decode_imma settings timed against the defaults above (``imma_step``, ``imma_l2_ahead``,
+    # ``imma_stages`` by the wider side's bits, ``programs_per_sm``) on the first call of each class
+    # of problem (device, widths, rows, length) with at least ``imma_tune_tokens`` quantized tokens
+    # over the batch; the fastest is kept (``autotune.py``). Two tiles per step with the L2 prefetch
+    # at 4 bits, against the stages, batch 16 / 32K, same process on three H200s: 0.766 / 0.759 /
+    # 0.810 ms against 0.770 / 0.777 / 0.776 (bench/results/decode_imma-ab-prologue-regs-, -live-,
+    # -live-card2-NVIDIA-H200.json). The same at 8 bits without the L2 prefetch: 1.315-1.323 ms
+    # against 1.275-1.304 at batch 16 / 32K; grouped-query shapes may differ.
+    "imma_tune": {4: [{"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64}],
+                  8: [{"imma_step": 2, "imma_l2_ahead": 0, "imma_stages": 0, "programs_per_sm": 64}]},
+    "imma_tune_tokens": 1 << 17,
 }
+# decode_imma settings (overrides of the defaults) imposed while autotune times them
+_FORCED: dict | None = None
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of float 2**23
 _MAGIC_F = tl.constexpr(8388608.0)
 
@@ -719,8 +732,9 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so tests exercise the merge
 
 
-def _splits(n_tiles: int, programs: int, device: torch.device, min_tiles: int = _MIN_TILES_PER_SPLIT) -> int:
-    want = max(1, math.ceil(_num_sms(device) * CONFIG["programs_per_sm"] / max(1, programs)))
+def _splits(n_tiles: int, programs: int, device: torch.device, min_tiles: int = _MIN_TILES_PER_SPLIT,
+            pps: int | None = None) -> int:
+    want = max(1, math.ceil(_num_sms(device) * (pps or CONFIG["programs_per_sm"]) / max(1, programs)))
     return max(1, min(want, n_tiles // min_tiles if device.type == "cuda" else n_tiles))
 
 
@@ -842,8 +856,10 @@ def _imma_takes(kside, vside, kind: str, f32: bool, page: int | None = None) -> 
 
 
 def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
-            hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, imma: bool, paged=None):
-    """One segment's kernels into ``part``; ``imma``: ``_imma_takes`` of the segment (its caller has it)."""
+            hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, imma: bool, paged=None,
+            isets: dict | None = None):
+    """One segment's kernels into ``part``; ``imma``: ``_imma_takes`` of the segment (its caller has it);
+    ``isets``: decode_imma's settings (``_imma_settings``; default ``_imma_defaults``)."""
     kb, vb = [], []
     rows = kind == "rows"
     kc, ks, kl, skc, sks = _side_arrays(kside, kb, rows)
@@ -862,11 +878,12 @@ def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits
         from . import decode_imma
 
         wide = max(kb[0][0], vb[0][0])
+        isets = isets or _imma_defaults(wide)
         raw = CONFIG["imma_scales_query"]
         decode_imma.launch(qq.rows if raw else qq.scaled(), (kc, ks, kl, skc, sks), (vc, vs, vl, svc, svs),
                            kb[0][0], vb[0][0], kb[0][1], part, split_base, n_splits, tiles_per_split, qoff, T, hkv,
-                           m_rows, L, (tbl, lens, stbl, page, paged is not None), CONFIG["imma_step"][wide],
-                           CONFIG["imma_l2_ahead"][wide], CONFIG["imma_stages"][wide], CONFIG["imma_maxnreg"][wide],
+                           m_rows, L, (tbl, lens, stbl, page, paged is not None), isets["imma_step"],
+                           isets["imma_l2_ahead"], isets["imma_stages"], CONFIG["imma_maxnreg"][wide],
                            qq.scale if raw else 1.0)
         return
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
@@ -942,21 +959,24 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     total = sum(lens)
     f32 = any((x.scale if isinstance(x, QuantBlock) else x).dtype == torch.float32 for s in segments for x in s)
     dense = [not isinstance(ks, QuantBlock) for ks, _ in segments]
-    side = _use_side(q.device, b * sum(n for n, dn in zip(lens, dense) if not dn), any(dense))
+    quant_tokens = b * sum(n for n, dn in zip(lens, dense) if not dn)
+    side = _use_side(q.device, quant_tokens, any(dense))
     imma = [_imma_takes(ks, vs, kind, f32) for ks, vs in segments]
+    isets = _imma_settings(q, segments, scale, imma, quant_tokens, m_rows)
     raw = CONFIG["imma_scales_query"]
     if any(not (dn and side) and not (raw and im) for im, dn in zip(imma, dense)):
         qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
     side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
     splits = [_splits(math.ceil(n / bn), programs, q.device,
-                      _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"])
-              for (ks, _), n, bn in zip(segments, lens, bns)]
+                      _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"],
+                      isets["programs_per_sm"] if im and isets else None)
+              for (ks, _), n, bn, im in zip(segments, lens, bns, imma)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     launches, base, pos = [], 0, 0
     for (ks, vs), n, bn, ns, dn, im in zip(segments, lens, bns, splits, dense, imma):
         launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32,
-                              im)))
+                              im, None, isets)))
         base += ns
         pos += n
     if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
@@ -967,6 +987,51 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
     return _finish(part, q)
+
+
+def _imma_defaults(wide: int) -> dict:
+    """decode_imma's settings from CONFIG for ``wide`` (the wider side's bits): ``imma_step``,
+    ``imma_l2_ahead``, ``imma_stages`` and ``programs_per_sm``."""
+    return {"imma_step": CONFIG["imma_step"][wide], "imma_l2_ahead": CONFIG["imma_l2_ahead"][wide],
+            "imma_stages": CONFIG["imma_stages"][wide], "programs_per_sm": CONFIG["programs_per_sm"]}
+
+
+def _imma_settings(q: torch.Tensor, segments: list, scale: float, imma: list, quant_tokens: int,
+                   m_rows: int) -> dict | None:
+    """decode_imma's settings for this call (``None`` where no segment takes it, or segments of
+    different widths do: ``_launch`` then takes each one's defaults): the defaults, or
+    the fastest of them and ``CONFIG["imma_tune"]``'s alternatives, timed on the first call of
+    this class of problem with at least ``CONFIG["imma_tune_tokens"]`` quantized tokens
+    (``autotune.choose``; while a CUDA graph is captured, nothing is timed: an earlier choice or
+    the defaults). ``quant_tokens``: the quantized tokens over the batch."""
+    widths = {max(ks.spec.bits, vs.spec.bits) for (ks, vs), im in zip(segments, imma) if im}
+    if len(widths) != 1:
+        return None
+    wide = widths.pop()
+    base = _imma_defaults(wide)
+    if _FORCED is not None:
+        return {**base, **_FORCED}
+    alts = CONFIG["imma_tune"].get(wide, [])
+    if not alts or q.device.type != "cuda" or quant_tokens < CONFIG["imma_tune_tokens"]:
+        return base
+    from . import autotune
+
+    codes = [ks.codes for (ks, _), im in zip(segments, imma) if im]
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    key = ("decode_imma", index, wide, q.shape[0] * codes[0].shape[1], m_rows,
+           max(c.shape[2] for c in codes).bit_length(), q.dtype)
+    if torch.cuda.is_current_stream_capturing():
+        return {**base, **autotune.chosen(key, {})}
+
+    def run(forced: dict) -> None:
+        global _FORCED
+        _FORCED = forced
+        try:
+            decode_attention(q, segments, scale)
+        finally:
+            _FORCED = None
+
+    return {**base, **autotune.choose(key, [{}, *alts], run, q.device)}
 
 
 _SIDE_STREAMS: dict = {}
