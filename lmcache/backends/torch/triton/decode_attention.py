@@ -145,8 +145,11 @@ CONFIG = {
     # at 4 bits, against the stages, batch 16 / 32K, same process on three H200s: 0.766 / 0.759 /
     # 0.810 ms against 0.770 / 0.777 / 0.776 (bench/results/decode_imma-ab-prologue-regs-, -live-,
     # -live-card2-NVIDIA-H200.json). The same at 8 bits without the L2 prefetch: 1.315-1.323 ms
-    # against 1.275-1.304 at batch 16 / 32K; grouped-query shapes may differ.
-    "imma_tune": {4: [{"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64}],
+    # against 1.275-1.304 at batch 16 / 32K; grouped-query shapes may differ. The stages at 64
+    # programs per SM, 4-bit: 0.768 ms against 0.777 at 128 (96: 0.785, 160: 0.784) on a fourth card,
+    # where two tiles per step took 0.820 (decode_imma-ab-pps-staged-NVIDIA-H200.json).
+    "imma_tune": {4: [{"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64},
+                      {"programs_per_sm": 64}],
                   8: [{"imma_step": 2, "imma_l2_ahead": 0, "imma_stages": 0, "programs_per_sm": 64}]},
     "imma_tune_tokens": 1 << 17,
 }
