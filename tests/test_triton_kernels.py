@@ -345,7 +345,8 @@ def test_imma_settings_untimed_off_gpu(rng, monkeypatch):
 @pytest.mark.cuda
 def test_imma_autotune_times_once_and_matches(rng, monkeypatch):
     """Compiled only: the first call of a class of problem with enough quantized tokens times
-    the default decode_imma settings against ``CONFIG["imma_tune"]``'s alternative, keeps the
+    (unless ``LMCACHE_AUTOTUNE=0``) the default decode_imma settings against
+    ``CONFIG["imma_tune"]``'s alternative, keeps the
     faster for the calls after it (nothing timed again), and a CUDA graph captured for a class
     not timed yet takes the defaults without timing (no synchronisation in a capture). Every
     candidate gives the reference result."""
@@ -360,6 +361,11 @@ def test_imma_autotune_times_once_and_matches(rng, monkeypatch):
     stages = _imma_stages(monkeypatch)
     segs = _cache(rng, 2, 2, 64 * 37, 77, 128, 4, 4, 64, torch.float16, gv=64)
     q = torch.from_numpy(rng.standard_normal((2, 2, 1, 128)).astype(np.float32)).half().cuda()
+    monkeypatch.setenv("LMCACHE_AUTOTUNE", "0")  # switched off: the defaults, nothing timed
+    da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert stages == [3] and autotune.choices() == {}
+    monkeypatch.delenv("LMCACHE_AUTOTUNE")
+    stages.clear()
     out = da.decode_attention(q, segs, 1 / np.sqrt(128))
     assert set(stages) == {3, 0}  # both timed
     [choice] = autotune._CHOSEN.values()

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -1006,7 +1007,8 @@ def _imma_settings(q: torch.Tensor, segments: list, scale: float, imma: list, qu
     the fastest of them and ``CONFIG["imma_tune"]``'s alternatives, timed on the first call of
     this class of problem with at least ``CONFIG["imma_tune_tokens"]`` quantized tokens
     (``autotune.choose``; while a CUDA graph is captured, nothing is timed: an earlier choice or
-    the defaults). ``quant_tokens``: the quantized tokens over the batch."""
+    the defaults; ``LMCACHE_AUTOTUNE=0``: always the defaults, so that results do not depend on
+    which candidate a card timed faster). ``quant_tokens``: the quantized tokens over the batch."""
     widths = {max(ks.spec.bits, vs.spec.bits) for (ks, vs), im in zip(segments, imma) if im}
     if len(widths) != 1:
         return None
@@ -1015,7 +1017,8 @@ def _imma_settings(q: torch.Tensor, segments: list, scale: float, imma: list, qu
     if _FORCED is not None:
         return {**base, **_FORCED}
     alts = CONFIG["imma_tune"].get(wide, [])
-    if not alts or q.device.type != "cuda" or quant_tokens < CONFIG["imma_tune_tokens"]:
+    if (not alts or q.device.type != "cuda" or quant_tokens < CONFIG["imma_tune_tokens"]
+            or os.environ.get("LMCACHE_AUTOTUNE", "").strip() == "0"):
         return base
     from . import autotune
 
