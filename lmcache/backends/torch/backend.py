@@ -187,7 +187,9 @@ class TorchBackend(Backend):
 
     def kernel_path(self) -> str:
         if triton_available():
-            mma = " (4/8-bit K/V at head dim 128 on the integer matrix units, sm_80+)" if gpu_vendor() == "cuda" else ""
+            mma = (" (4/8-bit K/V at head dim 128 on the integer matrix units, sm_80+, launch settings timed on "
+                   "the card at the first large call; LMCACHE_AUTOTUNE=0 keeps the defaults)"
+                   if gpu_vendor() == "cuda" else "")
             return (f"triton ({gpu_vendor()}) on GPU tensors: fused quantize/dequantize and split-K "
                     f"decode attention over packed codes{mma}; torch ops on CPU tensors")
         return "torch ops (no Triton: dequantize then attend)"
