@@ -1,10 +1,11 @@
 """Launch settings chosen by timing them on the device, once per class of problem.
 
-The same kernel at the same settings runs at different speeds on different cards of one model:
-on the lent H200s, decode_imma at 4 bits with two tiles per step and the L2 bulk prefetch took
-0.759-0.766 ms at batch 16 / 32K tokens on three cards and 0.804-0.810 on a fourth, where the
-shared-memory stages took 0.770-0.777 on all four. So, as Triton's ``autotune`` does, the first
-large call of a class times each candidate on the device at hand and keeps the fastest.
+The same kernel at the same settings ranks differently on different cards of one model: on the
+lent H200s, decode_imma at 4 bits with two tiles per step and the L2 bulk prefetch took
+0.759-0.766 ms at batch 16 / 32K tokens on two cards where the shared-memory stages took
+0.770-0.777, and 0.804-0.820 on two others where the stages took 0.775-0.777. So, as Triton's
+``autotune`` does, the first large call of a class times each candidate on the device at hand and
+keeps the fastest.
 """
 
 from __future__ import annotations
@@ -55,8 +56,3 @@ def chosen(key: Hashable, default: Any = None) -> Any:
 def choices() -> dict:
     """Every choice so far, ``{key: candidate}`` (a copy)."""
     return dict(_CHOSEN)
-
-
-def forget() -> None:
-    """Forget every choice (the next large call of each class times its candidates again)."""
-    _CHOSEN.clear()
