@@ -16,7 +16,6 @@ it. JSON to ``bench/results`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import decode_attention as bench  # noqa: E402
+from _common import write_results  # noqa: E402
 
 from lmcache.backends.torch.triton import decode_attention as da  # noqa: E402
 
@@ -75,11 +75,8 @@ def main() -> None:
         print(f"{n:>6} {r:>5} | {res['torch_us']:9.1f} {res['one_level_us']:10.1f} {res['chunked_us']:8.1f} | "
               f"{res['torch_host_us']:.0f} / {res['chunked_host_us']:.0f}")
     card = torch.cuda.get_device_name()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"combine_splits-{''.join(c if c.isalnum() else '-' for c in card)}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "combine_splits", "card": card, "torch": torch.__version__, "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_results(args.out, "combine_splits", card,
+                  {"benchmark": "combine_splits", "card": card, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

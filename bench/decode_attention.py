@@ -15,7 +15,6 @@ Prints a table and writes bench/results/decode_attention-<card>.json (or under -
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -25,6 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _common import write_results  # noqa: E402
 
 from lmcache.backends.base import QuantBlock  # noqa: E402
 from lmcache.backends.torch.triton import autotune  # noqa: E402
@@ -428,12 +429,8 @@ def main() -> None:
                     "quantize_fraction_of_copy_4bit": quant[4]["fraction_of_copy"], "quantize_target": 0.6},
         "seconds": time.time() - t_start,
     }
-    os.makedirs(args.out, exist_ok=True)
-    name = "decode_attention-" + "".join(ch if ch.isalnum() else "-" for ch in card).strip("-") + ".json"
-    path = os.path.join(args.out, name)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {path}")
+    print()
+    write_results(args.out, "decode_attention", card, result)
 
 
 if __name__ == "__main__":
