@@ -21,6 +21,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,9 +128,10 @@ def configs_imma(bits: int) -> dict:
     # entries (or one key of a nested entry) changed
     for item in filter(None, os.environ.get("AB_CONFIGS", "").split(";")):
         extra = {}
-        for k, v in (kv.split("=") for kv in item.split(",")):
+        for k, v in (kv.split("=") for kv in re.split(r",(?![^\[]*\])", item)):  # no split inside [..]
             if "." in k:  # rows.num_warps=1: one entry of a nested setting
                 top, sub = k.split(".", 1)
+                sub = int(sub) if sub.isdigit() else sub  # imma_stages.4=2: the entry for 4 bits
                 extra[top] = {**extra.get(top, da.CONFIG[top]), sub: json.loads(v)}
             else:
                 extra[k] = json.loads(v)
@@ -187,7 +189,29 @@ def main() -> None:
         for n, x in times.items():
             print(f"  {n:<34} {min(x):7.3f} ms  diff {err[n]:.1e}  (rounds: {', '.join(f'{t:.3f}' for t in x)})")
         del segs
+    res["builds"] = builds()
+    for b in res["builds"]:
+        print(f"  build {b}")
     write_results(args.out, f"{FILES[args.kernel][:-3]}-ab", res["device"], res)
+
+
+def builds() -> list:
+    """Registers, spills and shared memory of every compiled decode kernel of this process."""
+    import triton
+
+    import lmcache.backends.torch.triton as pkg
+
+    out = []
+    for mod in filter(None, (getattr(pkg, n, None) for n in ("decode_attention", "decode_imma"))):
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, triton.runtime.jit.JITFunction):
+                continue
+            for caches in getattr(fn, "device_caches", {}).values():
+                for k in caches[0].values():
+                    out.append({"kernel": name, "registers": getattr(k, "n_regs", None),
+                                "spills": getattr(k, "n_spills", None),
+                                "shared": getattr(getattr(k, "metadata", None), "shared", None)})
+    return out
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ POINTERS = {"kc_ptr": "*i32", "vc_ptr": "*i32", "vs_ptr": "*fp16", "vl_ptr": "*f
             "m_ptr": "*fp32", "l_ptr": "*fp32", "tbl_ptr": "*i32", "len_ptr": "*i32", "q_ptr": "*fp16",
             "ks_ptr": "*fp16", "kl_ptr": "*fp16", "qscale": "fp32"}
 # integer arguments that are not multiples of 16 in general (the strides are, as the cache allocates them)
-ANY_INT = {"T", "QOFF", "tiles_per_split", "split_base", "Hkv", "M", "L"}
-DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=1, L2AHEAD=0, STAGES=3)
+ANY_INT = {"T", "QOFF", "tiles_per_split", "tail_at", "small", "split_base", "Hkv", "M", "L"}
+DEFAULTS = dict(KBITS=4, VBITS=4, GK=64, PAGED=False, PAGE=32, SCONTIG=True, STEP=1, L2AHEAD=0, STAGES=3,
+                SPLITS_FAST=False)
 
 
 def compile_variant(const: dict, maxnreg: int | None = None):

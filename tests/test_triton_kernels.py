@@ -305,10 +305,14 @@ def test_imma_kernel_matches_numpy(rng, monkeypatch, kbits, vbits, dtype, hkv, L
 
 
 @pytest.mark.parametrize("settings", [{"dense_min_tiles": 1}, {"dense_min_tiles": 2, "dense_side_tokens": 0},
-                                      {"imma_scales_query": False}], ids=str)
+                                      {"imma_scales_query": False}, {"imma_splits_fast": {4: True, 8: True}},
+                                      {"imma_splits_fast": {4: False, 8: False}},
+                                      {"imma_tail": {4: (40, 3), 8: (40, 3)}, "programs_per_sm": 6}], ids=str)
 def test_imma_settings_match_numpy(rng, monkeypatch, settings):
     """Settings the benchmark may pick: splits of the dense residual, the residual on the same
-    stream; the query scaled by torch before the kernel (as the kernel of an A/B run takes it)."""
+    stream; the query scaled by torch before the kernel (as the kernel of an A/B run takes it);
+    the grid's order (a row's splits one after another, or the same split of every row); splits of
+    two sizes (on CPU: one of 5 tiles, then of 2, the last one short)."""
     calls = _imma_calls(monkeypatch)
     for key, value in settings.items():
         monkeypatch.setitem(da.CONFIG, key, value)
@@ -318,6 +322,26 @@ def test_imma_settings_match_numpy(rng, monkeypatch, settings):
     assert calls == [(4, 8)]
     np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
                                rtol=TOL[torch.float16])
+
+
+@pytest.mark.parametrize("n_tiles,n_splits,tail", [(1024, 13, (20, 4)), (1024, 11, (10, 2)), (1021, 27, (15, 3)),
+                                                 (10, 2, (40, 3)), (37, 5, (90, 7)), (5, 5, (20, 4)), (8, 1, (20, 4))])
+def test_tail_splits_cover_each_tile_once(n_tiles, n_splits, tail):
+    """Splits of two sizes (``CONFIG["imma_tail"]``): long ones of the even splits' size, then short
+    ones, together covering the row's tiles, none of them empty; none where no long split would
+    remain or all would be long."""
+    got = da._tail_splits(n_tiles, n_splits, tail)
+    each = -(-n_tiles // n_splits)
+    long = n_tiles * (100 - tail[0]) // (100 * each)
+    if not 1 <= long < n_splits:
+        assert got is None
+        return
+    splits, per, at, small = got
+    assert (per, at) == (each, long) and small == max(1, -(-each // tail[1]))
+    starts = [s * per if s < at else at * per + (s - at) * small for s in range(splits)]
+    ends = [min(a + (per if s < at else small), n_tiles) for s, a in enumerate(starts)]
+    assert starts[0] == 0 and ends[-1] == n_tiles and all(a < e for a, e in zip(starts, ends))
+    assert all(e == a for e, a in zip(ends, starts[1:]))
 
 
 def test_imma_settings_untimed_off_gpu(rng, monkeypatch):
@@ -338,7 +362,7 @@ def test_imma_settings_untimed_off_gpu(rng, monkeypatch):
     mixed = [segs[0], wider[0]]  # blocks of two widths: each launch takes its own defaults
     assert da._imma_settings(q, mixed, 0.1, [True, True], 384, 1) is None
     monkeypatch.setattr(da, "_FORCED", alt)
-    assert da._imma_settings(q, segs, 0.1, [True, False], 192, 1) == alt
+    assert da._imma_settings(q, segs, 0.1, [True, False], 192, 1) == {**da._imma_defaults(4), **alt}
     assert autotune._CHOSEN == {}
 
 

@@ -125,6 +125,23 @@ CONFIG = {
     "imma_stages": {4: 3, 8: 2},
     # decode_imma: 0, or a cap on its registers per thread, for more programs per SM.
     "imma_maxnreg": {4: 0, 8: 0},
+    # decode_imma's grid (splits, rows) rather than (rows, splits): the splits of a row are launched
+    # one after another, not the same split of every row, so the programs resident at once read
+    # fewer rows, at more places in each. Batch 16 / 32K, one process: on one H200 4-bit 0.780 ->
+    # 0.769 ms at 64 programs per SM, 0.791 -> 0.781 at 128, 8-bit 1.304 -> 1.312 at 128; on another
+    # 4-bit 0.765 -> 0.767 at 64, 8-bit 1.277 -> 1.287 (bench/results/decode_imma-ab-splits-fast-,
+    # -splits-fast-card2-NVIDIA-H200.json): a candidate of the timing below, not the default.
+    "imma_splits_fast": {4: False, 8: False},
+    # decode_imma: 0, or (percent, div): about that percent of each row's tiles in short splits of
+    # 1 / div of the others' tiles, launched last. Equal splits leave the last wave of programs
+    # part-full, and a lone program cannot go faster than its dependent chain per tile: batch 16 /
+    # 32K, 4-bit, 11 / 13 / 14 / 15 / 16 splits per row (51 / 64 / 66 / 70 / 75 programs per SM, 4.4 /
+    # 5.3 / 5.7 / 6.1 / 6.5 waves of 12 per SM) took 0.786 / 0.760 / 0.760 / 0.784 / 0.774 ms
+    # (decode_imma-ab-pps-fine-NVIDIA-H200.json). Short splits last fill in what the long ones leave:
+    # on another card 4-bit 0.782 -> 0.770 ms at 64 programs per SM with (10, 2) and at 51 with
+    # (20, 4), 8-bit 1.306 (128 per SM) -> 1.291 at 51 with (10, 4) (decode_imma-ab-tail-NVIDIA-H200.json).
+    # Candidates of the timing below.
+    "imma_tail": {4: 0, 8: 0},
     # Quantized tokens (summed over the batch) from which the dense segments of a decode call run on
     # a second stream, beside the quantized ones (0: never).
     "dense_side_tokens": 1 << 17,
@@ -148,10 +165,14 @@ CONFIG = {
     # -live-card2-NVIDIA-H200.json). The same at 8 bits without the L2 prefetch: 1.315-1.323 ms
     # against 1.275-1.304 at batch 16 / 32K; grouped-query shapes may differ. The stages at 64
     # programs per SM, 4-bit: 0.768 ms against 0.777 at 128 (96: 0.785, 160: 0.784) on a fourth card,
-    # where two tiles per step took 0.820 (decode_imma-ab-pps-staged-NVIDIA-H200.json).
+    # where two tiles per step took 0.820 (decode_imma-ab-pps-staged-NVIDIA-H200.json). Then the
+    # stages at 64 with the other grid order (``imma_splits_fast``) and with short splits last
+    # (``imma_tail``), above.
     "imma_tune": {4: [{"imma_step": 2, "imma_l2_ahead": 1, "imma_stages": 0, "programs_per_sm": 64},
-                      {"programs_per_sm": 64}],
-                  8: [{"imma_step": 2, "imma_l2_ahead": 0, "imma_stages": 0, "programs_per_sm": 64}]},
+                      {"programs_per_sm": 64}, {"programs_per_sm": 64, "imma_splits_fast": True},
+                      {"programs_per_sm": 64, "imma_tail": (10, 2)}, {"programs_per_sm": 51, "imma_tail": (20, 4)}],
+                  8: [{"imma_step": 2, "imma_l2_ahead": 0, "imma_stages": 0, "programs_per_sm": 64},
+                      {"programs_per_sm": 51, "imma_tail": (10, 4)}, {"programs_per_sm": 64, "imma_tail": (10, 4)}]},
     "imma_tune_tokens": 1 << 17,
 }
 # decode_imma settings (overrides of the defaults) imposed while autotune times them
@@ -336,8 +357,14 @@ def _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr, BLOCK_N: tl.const
     (sequence, KV head) pair ``bh`` = ``b * Hkv + h``, the row ``r``, the last position that row
     may see, the tokens of the segment (its sequence's, when ``PAGED``) and the split's tiles.
     """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    return _row_program_at(tl.program_id(0), tl.program_id(1), T, QOFF, tiles_per_split, Hkv, M, L, len_ptr, BLOCK_N,
+                           PAGED)
+
+
+@triton.jit
+def _row_program_at(pid, split, T, QOFF, tiles_per_split, Hkv, M, L, len_ptr, BLOCK_N: tl.constexpr,
+                    PAGED: tl.constexpr):
+    """``_row_program`` of program ``pid`` (of ``B * Hkv * M``) and split ``split``, wherever the grid has them."""
     bh = pid // M
     r = pid % M
     b = bh // Hkv
@@ -861,9 +888,10 @@ def _imma_takes(kside, vside, kind: str, f32: bool, page: int | None = None) -> 
 
 def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits: int, qoff: int, T: int,
             hkv: int, m_rows: int, L: int, block_m: int, block_n: int, kind: str, f32: bool, imma: bool, paged=None,
-            isets: dict | None = None):
+            isets: dict | None = None, tail: tuple | None = None):
     """One segment's kernels into ``part``; ``imma``: ``_imma_takes`` of the segment (its caller has it);
-    ``isets``: decode_imma's settings (``_imma_settings``; default ``_imma_defaults``)."""
+    ``isets``: decode_imma's settings (``_imma_settings``; default ``_imma_defaults``); ``tail``:
+    ``_tail_splits`` of the segment (decode_imma's splits of two sizes)."""
     kb, vb = [], []
     rows = kind == "rows"
     kc, ks, kl, skc, sks = _side_arrays(kside, kb, rows)
@@ -876,7 +904,7 @@ def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits
         tbl, lens, page = paged
         stbl = tbl.stride(0)
     bh = qq.rows.shape[0]
-    tiles_per_split = max(1, math.ceil(math.ceil(T / block_n) / n_splits))
+    tiles_per_split = tail[1] if tail else max(1, math.ceil(math.ceil(T / block_n) / n_splits))
     cfg = CONFIG[kind]
     if imma:
         from . import decode_imma
@@ -888,7 +916,7 @@ def _launch(qq: _Query, kside, vside, part: _Partials, split_base: int, n_splits
                            kb[0][0], vb[0][0], kb[0][1], part, split_base, n_splits, tiles_per_split, qoff, T, hkv,
                            m_rows, L, (tbl, lens, stbl, page, paged is not None), isets["imma_step"],
                            isets["imma_l2_ahead"], isets["imma_stages"], CONFIG["imma_maxnreg"][wide],
-                           qq.scale if raw else 1.0)
+                           qq.scale if raw else 1.0, isets["imma_splits_fast"], tail and tail[2:])
         return
     common = (q2, kc, ks, kl, vc, vs, vl, part.o, part.m, part.l, tbl, lens,
               *skc, *sks, *svc, *svs, stbl, T, qoff, tiles_per_split, split_base, hkv, m_rows, L)
@@ -976,11 +1004,14 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
                       _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"],
                       isets["programs_per_sm"] if im and isets else None)
               for (ks, _), n, bn, im in zip(segments, lens, bns, imma)]
+    tails = [_tail_splits(math.ceil(n / bn), ns, isets["imma_tail"]) if im and isets and isets.get("imma_tail")
+             else None for n, bn, ns, im in zip(lens, bns, splits, imma)]
+    splits = [t[0] if t else ns for t, ns in zip(tails, splits)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     launches, base, pos = [], 0, 0
-    for (ks, vs), n, bn, ns, dn, im in zip(segments, lens, bns, splits, dense, imma):
+    for (ks, vs), n, bn, ns, dn, im, tl_ in zip(segments, lens, bns, splits, dense, imma, tails):
         launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32,
-                              im, None, isets)))
+                              im, None, isets, tl_)))
         base += ns
         pos += n
     if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
@@ -993,11 +1024,25 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
     return _finish(part, q)
 
 
+def _tail_splits(n_tiles: int, n_splits: int, tail) -> tuple | None:
+    """``(splits, tiles_per_split, tail_at, small)`` for a segment of ``n_tiles`` tiles per row
+    that ``n_splits`` even splits would cover: about ``tail[0]`` percent of the tiles go to splits of
+    ``1 / tail[1]`` the others' tiles, placed last (launched last); ``None`` where none would be long."""
+    pct, div = tail
+    each = math.ceil(n_tiles / n_splits)
+    long = n_tiles * (100 - pct) // (100 * each)
+    if long < 1 or long >= n_splits:
+        return None
+    small = max(1, math.ceil(each / div))
+    return long + math.ceil((n_tiles - long * each) / small), each, long, small
+
+
 def _imma_defaults(wide: int) -> dict:
     """decode_imma's settings from CONFIG for ``wide`` (the wider side's bits): ``imma_step``,
-    ``imma_l2_ahead``, ``imma_stages`` and ``programs_per_sm``."""
+    ``imma_l2_ahead``, ``imma_stages``, ``imma_splits_fast``, ``imma_tail`` and ``programs_per_sm``."""
     return {"imma_step": CONFIG["imma_step"][wide], "imma_l2_ahead": CONFIG["imma_l2_ahead"][wide],
-            "imma_stages": CONFIG["imma_stages"][wide], "programs_per_sm": CONFIG["programs_per_sm"]}
+            "imma_stages": CONFIG["imma_stages"][wide], "imma_splits_fast": CONFIG["imma_splits_fast"][wide],
+            "imma_tail": CONFIG["imma_tail"][wide], "programs_per_sm": CONFIG["programs_per_sm"]}
 
 
 def _imma_settings(q: torch.Tensor, segments: list, scale: float, imma: list, quant_tokens: int,

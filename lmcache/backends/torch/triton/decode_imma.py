@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ...base import QuantBlock
 from . import capability, ptx
-from .decode_attention import _row_program, _tile_bases
+from .decode_attention import _row_program_at, _tile_bases
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     ptx.emulate_in_interpreter()
@@ -629,12 +629,24 @@ def _value_operands(s, m_ref, sv, lv, f_lane, sel):
 @triton.jit
 def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr, tbl_ptr,
                    len_ptr, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, stbl_b,
-                   T, QOFF, tiles_per_split, split_base, Hkv, M, L, qscale,
+                   T, QOFF, tiles_per_split, tail_at, small, split_base, Hkv, M, L, qscale,
                    KBITS: tl.constexpr, VBITS: tl.constexpr, GK: tl.constexpr, PAGED: tl.constexpr,
                    PAGE: tl.constexpr, SCONTIG: tl.constexpr, STEP: tl.constexpr, L2AHEAD: tl.constexpr,
-                   STAGES: tl.constexpr):
-    pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program(T, QOFF, tiles_per_split, Hkv, M, L, len_ptr,
-                                                                 32, PAGED)
+                   STAGES: tl.constexpr, SPLITS_FAST: tl.constexpr):
+    if SPLITS_FAST:  # grid (splits, rows): a row's splits are launched one after another
+        at = tl.program_id(1)
+        split = tl.program_id(0)
+        n_rows = tl.num_programs(1)
+    else:
+        at = tl.program_id(0)
+        split = tl.program_id(1)
+        n_rows = tl.num_programs(0)
+    pid, split, bh, rq, b, h, qpos, T, t_lo, t_hi = _row_program_at(at, split, T, QOFF, tiles_per_split, Hkv, M, L,
+                                                                    len_ptr, 32, PAGED)
+    # splits from ``tail_at`` on take ``small`` tiles each: launched last, they fill the warp slots that
+    # the long ones leave free at the end
+    t_lo = tl.where(split < tail_at, t_lo, tail_at * tiles_per_split + (split - tail_at) * small)
+    t_hi = tl.minimum(t_lo + tl.where(split < tail_at, tiles_per_split, small), tl.cdiv(T, 32))
     end = tl.minimum(T, t_hi * 32)
     lane = tl.arange(0, 32)
     g = (lane // 4)[:, None]  # [32, 1]
@@ -655,7 +667,7 @@ def _decode_kernel(q_ptr, ks_ptr, kl_ptr, kc_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr,
     wv0 = _value_column_weight(2 * t, gl)
     wv1 = _value_column_weight(2 * t + 1, gl)
 
-    ps_idx = (split_base + split) * (tl.num_programs(0) // M) + bh
+    ps_idx = (split_base + split) * (n_rows // M) + bh
     mt = tl.arange(0, 8)[None, :]
     if VBITS == 4:  # m-tile (J, i, jj), half nu: dimension 8J + 2i + 4jj + nu
         dim = 8 * (mt // 4) + 2 * ((mt // 2) % 2) + 4 * (mt % 2)
@@ -774,7 +786,8 @@ def _i2f(c):
 
 def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part, split_base: int, n_splits: int,
            tiles_per_split: int, qoff: int, T: int, hkv: int, m_rows: int, L: int, table: tuple,
-           step: int = 1, l2_ahead: int = 0, stages: int = 0, maxnreg: int = 0, qscale: float = 1.0) -> None:
+           step: int = 1, l2_ahead: int = 0, stages: int = 0, maxnreg: int = 0, qscale: float = 1.0,
+           splits_fast: bool = False, tail: tuple | None = None) -> None:
     """Run the decode kernel for one segment into ``part`` (from ``decode_attention._launch``).
 
     ``q2``: [B * Hkv, M, 128] contiguous, float32, float16 or bfloat16: the query rows, which the
@@ -791,7 +804,10 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
     ``l2_ahead`` counts from there; where the L2 prefetch can run and the value scales are
     ``[.., T, 2]``; fewer stages where that many pass the 48 KB of static shared memory, none where
     not two);
-    ``maxnreg``: 0, or the registers per thread the build may use (more programs per SM).
+    ``maxnreg``: 0, or the registers per thread the build may use (more programs per SM);
+    ``splits_fast``: the grid (splits, rows), so a row's splits are launched one after another;
+    ``tail``: ``(tail_at, small)``: splits ``tail_at ..`` take ``small`` tiles each, after
+    ``tail_at`` of ``tiles_per_split`` (``decode_attention._tail_splits``).
     """
     kc, ks, kl, skc, sks = kside
     vc, vs, vl, svc, svs = vside
@@ -805,16 +821,18 @@ def launch(q2, kside: tuple, vside: tuple, kbits: int, vbits: int, gk: int, part
         raise ValueError(f"maxnreg must be 0 (no cap) or 24..255 registers, got {maxnreg!r}")
     step = step if gk >= 64 else 1
     tiles_per_split += -tiles_per_split % step
+    tail_at, small = tail or (n_splits, 1)
+    small += -small % step
     ready = _tma_ready(kside, vside)
     stages = min(stages, _MAX_STAGE_BYTES // (step * _tile_stage_bytes(kbits, vbits) + 8))
     l2_ahead = l2_ahead if ready else 0
     if stages < 2 or not ready or svs[2] != 2:
         stages = 0
-    _decode_kernel[(rows, n_splits)](
+    _decode_kernel[(n_splits, rows) if splits_fast else (rows, n_splits)](
         q2, ks, kl, kc, vc, vs, vl, part.o, part.m, part.l, tbl, lens, *skc, *sks, *svc, *svs, stbl,
-        T, qoff, tiles_per_split, split_base, hkv, m_rows, L, qscale, KBITS=kbits, VBITS=vbits, GK=gk, PAGED=paged,
-        PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, STAGES=stages, num_warps=1, num_stages=1,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+        T, qoff, tiles_per_split, tail_at, small, split_base, hkv, m_rows, L, qscale, KBITS=kbits, VBITS=vbits, GK=gk,
+        PAGED=paged, PAGE=page, SCONTIG=svs[2] == 2, STEP=step, L2AHEAD=l2_ahead, STAGES=stages,
+        SPLITS_FAST=splits_fast, num_warps=1, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 _MAX_STAGE_BYTES = 48 * 1024  # static shared memory of one program
