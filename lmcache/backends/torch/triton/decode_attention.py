@@ -138,9 +138,9 @@ CONFIG = {
     # 32K, 4-bit, 11 / 13 / 14 / 15 / 16 splits per row (51 / 64 / 66 / 70 / 75 programs per SM, 4.4 /
     # 5.3 / 5.7 / 6.1 / 6.5 waves of 12 per SM) took 0.786 / 0.760 / 0.760 / 0.784 / 0.774 ms
     # (decode_imma-ab-pps-fine-NVIDIA-H200.json). Short splits last fill in what the long ones leave:
-    # on another card 4-bit 0.782 -> 0.770 ms at 64 programs per SM with (10, 2) and at 51 with
-    # (20, 4), 8-bit 1.306 (128 per SM) -> 1.291 at 51 with (10, 4) (decode_imma-ab-tail-NVIDIA-H200.json).
-    # Candidates of the timing below.
+    # on two other cards 4-bit 0.780-0.782 -> 0.769-0.770 ms at 64 programs per SM with (10, 2) and
+    # at 51 with (20, 4), 8-bit 1.305-1.306 (128 per SM) -> 1.290-1.291 at 51 with (10, 4)
+    # (decode_imma-ab-tail-, -tail-card2-NVIDIA-H200.json). Candidates of the timing below.
     "imma_tail": {4: 0, 8: 0},
     # Quantized tokens (summed over the batch) from which the dense segments of a decode call run on
     # a second stream, beside the quantized ones (0: never).
