@@ -344,6 +344,25 @@ def test_tail_splits_cover_each_tile_once(n_tiles, n_splits, tail):
     assert all(e == a for e, a in zip(ends, starts[1:]))
 
 
+def test_imma_blocks_of_two_widths_take_their_own_settings(rng, monkeypatch):
+    """Quantized blocks of two widths in one call: each launch takes its own width's defaults,
+    splits of two sizes included (here at 4 bits only), and the result is the reference's."""
+    calls = _imma_calls(monkeypatch)
+    monkeypatch.setitem(da.CONFIG, "imma_tail", {4: (40, 3), 8: 0})
+    monkeypatch.setitem(da.CONFIG, "programs_per_sm", 6)
+    tails = []
+    tail_splits = da._tail_splits
+    monkeypatch.setattr(da, "_tail_splits", lambda *a: tails.append(tail_splits(*a)) or tails[-1])
+    narrow = _cache(rng, 1, 2, 64 * 5, 0, 128, 4, 4, 64, torch.float16, gv=64)
+    wide = _cache(rng, 1, 2, 64 * 5, 0, 128, 8, 8, 64, torch.float16, gv=64)
+    segs = [narrow[0], wide[0]]
+    q = torch.from_numpy(rng.standard_normal((1, 6, 1, 128)).astype(np.float32)).half().to(DEVICE)
+    out = da.decode_attention(q, segs, 1 / np.sqrt(128))
+    assert calls == [(4, 4), (8, 8)] and len(tails) == 1 and tails[0] is not None
+    np.testing.assert_allclose(out.float().cpu().numpy(), _reference(q, segs), atol=TOL[torch.float16],
+                               rtol=TOL[torch.float16])
+
+
 def test_imma_settings_untimed_off_gpu(rng, monkeypatch):
     """Off a GPU decode_imma's settings are CONFIG's defaults, with nothing timed; none where no
     segment takes decode_imma or segments of two widths do; a forced setting (what autotune

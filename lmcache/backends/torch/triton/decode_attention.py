@@ -157,11 +157,12 @@ CONFIG = {
     # us, of which the residual 7.5 us where it was 17.8 (breakdown_imma-NVIDIA-H200.json).
     "imma_scales_query": True,
     # decode_imma settings timed against the defaults above (``imma_step``, ``imma_l2_ahead``,
-    # ``imma_stages`` by the wider side's bits, ``programs_per_sm``) on the first call of each class
-    # of problem (device, widths, rows, length) with at least ``imma_tune_tokens`` quantized tokens
-    # over the batch; the fastest is kept (``autotune.py``). Two tiles per step with the L2 prefetch
-    # at 4 bits, against the stages, batch 16 / 32K, same process on three H200s: 0.766 / 0.759 /
-    # 0.810 ms against 0.770 / 0.777 / 0.776 (bench/results/decode_imma-ab-prologue-regs-, -live-,
+    # ``imma_stages``, ``imma_splits_fast``, ``imma_tail`` by the wider side's bits, ``programs_per_sm``)
+    # on the first call of each class of problem (device, widths, rows, length) with at least
+    # ``imma_tune_tokens`` quantized tokens over the batch; the fastest is kept (``autotune.py``). Two
+    # tiles per step with the L2 prefetch at 4 bits, against the stages, batch 16 / 32K, same process
+    # on three H200s: 0.766 / 0.759 / 0.810 ms against 0.770 / 0.777 / 0.776
+    # (bench/results/decode_imma-ab-prologue-regs-, -live-,
     # -live-card2-NVIDIA-H200.json). The same at 8 bits without the L2 prefetch: 1.315-1.323 ms
     # against 1.275-1.304 at batch 16 / 32K; grouped-query shapes may differ. The stages at 64
     # programs per SM, 4-bit: 0.768 ms against 0.777 at 128 (96: 0.785, 160: 0.784) on a fourth card,
@@ -1000,18 +1001,21 @@ def decode_attention(q: torch.Tensor, segments: list, scale: float) -> torch.Ten
         qq.scaled()  # a launch on this stream takes it: made before the side stream waits for this one
     side = _side_stream(q.device) if side else None
     programs = b * hkv * (m_rows if kind == "rows" else 1)
+    # each decode_imma segment's settings: the call's, or (widths that differ) its own defaults
+    sets = [(isets or _imma_defaults(max(ks.spec.bits, vs.spec.bits))) if im else None
+            for (ks, vs), im in zip(segments, imma)]
     splits = [_splits(math.ceil(n / bn), programs, q.device,
                       _MIN_TILES_PER_SPLIT if isinstance(ks, QuantBlock) else CONFIG["dense_min_tiles"],
-                      isets["programs_per_sm"] if im and isets else None)
-              for (ks, _), n, bn, im in zip(segments, lens, bns, imma)]
-    tails = [_tail_splits(math.ceil(n / bn), ns, isets["imma_tail"]) if im and isets and isets.get("imma_tail")
-             else None for n, bn, ns, im in zip(lens, bns, splits, imma)]
+                      st["programs_per_sm"] if st else None)
+              for (ks, _), n, bn, st in zip(segments, lens, bns, sets)]
+    tails = [_tail_splits(math.ceil(n / bn), ns, st["imma_tail"]) if st and st["imma_tail"] else None
+             for n, bn, ns, st in zip(lens, bns, splits, sets)]
     splits = [t[0] if t else ns for t, ns in zip(tails, splits)]
     part = _Partials(sum(splits), b * hkv, m_rows, d, q.device)
     launches, base, pos = [], 0, 0
-    for (ks, vs), n, bn, ns, dn, im, tl_ in zip(segments, lens, bns, splits, dense, imma, tails):
+    for (ks, vs), n, bn, ns, dn, im, st, tl_ in zip(segments, lens, bns, splits, dense, imma, sets, tails):
         launches.append((dn, (qq, ks, vs, part, base, ns, total - L - pos, n, hkv, m_rows, L, block_m, bn, kind, f32,
-                              im, None, isets, tl_)))
+                              im, None, st, tl_)))
         base += ns
         pos += n
     if side is not None:  # the dense segments first: their few programs start before the long ones fill the GPU
