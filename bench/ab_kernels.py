@@ -116,8 +116,9 @@ def configs_imma(bits: int) -> dict:
             return old.launch(*a[:n])
 
         shim = types.SimpleNamespace(supported=old.supported, launch=old_launch)
-        # the old kernel takes the query scaled (float32)
-        cfgs["old"] = (da.decode_attention, da.CONFIG, c(raw=0), swap(shim))
+        # an old kernel without ``qscale`` takes the query scaled (float32)
+        raw = int("qscale" in inspect.signature(old.launch).parameters)
+        cfgs["old"] = (da.decode_attention, da.CONFIG, c(raw=raw), swap(shim))
     # (tiles per step, L2 prefetch steps ahead, programs per SM, shared-memory stages, register cap[,
     # 0: the query scaled by torch first, not in the kernel])
     grid = [(1, 0, 128, 3 if bits == 4 else 2, 0), (2, 1 if bits == 4 else 0, 64, 0, 0), (1, 0, 128, 2, 0),

@@ -350,6 +350,11 @@ def test_imma_blocks_of_two_widths_take_their_own_settings(rng, monkeypatch):
     calls = _imma_calls(monkeypatch)
     monkeypatch.setitem(da.CONFIG, "imma_tail", {4: (40, 3), 8: 0})
     monkeypatch.setitem(da.CONFIG, "programs_per_sm", 6)
+    # the interpreter's split arithmetic on a GPU too (4 SMs, no minimum of tiles per split): its
+    # 132 SMs and 8 tiles per split would give these 10-tile rows one split, and no short ones
+    splits = da._splits
+    monkeypatch.setattr(da, "_num_sms", lambda device: 4)
+    monkeypatch.setattr(da, "_splits", lambda n, p, device, min_tiles=1, pps=None: splits(n, p, device, 1, pps))
     tails = []
     tail_splits = da._tail_splits
     monkeypatch.setattr(da, "_tail_splits", lambda *a: tails.append(tail_splits(*a)) or tails[-1])

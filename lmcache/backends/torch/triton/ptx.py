@@ -41,6 +41,7 @@ _SPREAD = tl.constexpr("{ .reg .u32 l, s0, s1;\n mov.u32 l, %laneid;\n and.b32 l
 _TRANSPOSE = tl.constexpr("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;\n prmt.b32 y, $4, $5, 0x7362;\n"
                           " prmt.b32 z, $6, $7, 0x5140;\n prmt.b32 w, $6, $7, 0x7362;\n prmt.b32 $0, x, z, 0x5410;\n"
                           " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
+_PRMT = tl.constexpr("prmt.b32 $0, $1, $2, $3;")
 _GATHER = tl.constexpr("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
                        " prmt.b32 $0, y, z, 0x5410; }")
 # Key B words from limb words: round r reads lane 4r + t's three limb words, keeps limb g's (0 for g >= 3)
@@ -128,6 +129,13 @@ def transpose4(a, b, c, d):
     """4 x 4 byte transpose: output ``j`` holds byte ``j`` of ``a``, ``b``, ``c``, ``d`` (int32 words)."""
     return tl.inline_asm_elementwise(_TRANSPOSE, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def prmt(a, b, sel):
+    """``prmt.b32``: byte ``k`` of the result is byte ``(sel >> 4k) & 7`` of ``b:a`` (``a`` bytes
+    0-3, ``b`` 4-7); int32 tensors of one shape, elementwise (the selector may differ by lane)."""
+    return tl.inline_asm_elementwise(_PRMT, "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -280,6 +288,14 @@ def _emu_gather(x0, x1, x2, x3, sel):
     return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
 
 
+def _emu_prmt(a, b, sel):
+    src = np.concatenate([_bytes(np.asarray(a)), _bytes(np.asarray(b))], -1)  # [..., 8]
+    s = np.asarray(sel)
+    assert not np.any(s & 0x8888), "prmt's sign-replicating selectors are not emulated"
+    idx = np.stack([(s >> (4 * k)) & 7 for k in range(4)], -1)
+    return [np.ascontiguousarray(np.take_along_axis(src, idx, -1)).view("<i4")[..., 0]]
+
+
 def _emu_l2_bulk(on, addr, nbytes):
     return [np.zeros_like(on)]
 
@@ -330,6 +346,7 @@ def _emu_key_b(w0, w1, w2):
 _EMULATIONS = {_KEY_B.value: _emu_key_b, _L2_BULK.value: _emu_l2_bulk, _MMA_KEYS.value: _emu_mma_keys,
                _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
                _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather,
+               _PRMT.value: _emu_prmt,
                _MBAR_INIT.value: _emu_nothing, _ARRIVE_TX.value: _emu_nothing, _BULK_COPY.value: _emu_bulk_copy,
                _WAIT.value: _emu_nothing, _LDS128.value: _emu_lds(4), _LDS64.value: _emu_lds(2)}
 
