@@ -151,12 +151,13 @@ def check(q, cache, scale, kernel=kda, cfg=None) -> float:
     return rel_err(compressed_step(scale, cfg or {}, kernel)(q, *cache), ref)
 
 
-def split_choices(batch: int, ctx: int, gps: int, n: int) -> list[int]:
-    """The ``n`` slice counts nearest (in ratio) to the kernel's default that divide the loop steps
-    (``gps``: key groups per loop step, or per unit of ``max(tile, group)`` for the int8 kernel)."""
+def split_choices(batch: int, ctx: int, gps: int, n: int, base: int | None = None) -> list[int]:
+    """The ``n`` slice counts nearest (in ratio) to ``base`` (default: the float kernel's default)
+    that divide the loop steps (``gps``: key groups per loop step, or per unit of ``max(tile,
+    group)`` for the int8 kernel)."""
     groups = (ctx - RESIDUAL) // GROUP
     steps = groups // gps
-    base = kda.choose_splits(batch, HEADS, groups, gps)
+    base = base or kda.choose_splits(batch, HEADS, groups, gps)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
     return sorted(divisors, key=lambda s: (abs(math.log(s / base)), s))[:n]
 
@@ -174,13 +175,14 @@ def sweep_configs(batch: int, ctx: int) -> list[dict]:
 
 
 def i8_sweep_configs() -> list[dict]:
-    """The int8 kernel's launch settings, likeliest first (sm_90 builds of the loop, instructions per
-    code at 4 / 8 bits: one warp 2.0 / 2.45 (64- or 128-token tiles), 2.4 / 3.0 (32); two warps 2.4 /
-    3.0; four warps 3.6 / 4.1; the pre-pass 1.95 / 2.35. num_stages=2 spills: not swept)."""
+    """The int8 kernel's launch settings, likeliest first (the default: 4-bit dots of 32 tokens in
+    64-token steps, the codes' bit operations as inline PTX; on the H200 at batch 16 / 32K, 17
+    slices: 1.203 ms, 64-token dots 1.309, 128-token tiles 1.216, without the PTX 1.455; earlier
+    settings: two warps, the pre-pass and 32-token tiles were slower, four warps much slower)."""
     if INTERPRET:  # every setting is a compilation of the interpreter: two are enough to smoke-test
         return [{}, dict(tile=128, key_operands="prepass")]
-    return [{}, dict(num_warps=2), dict(tile=128), dict(key_operands="prepass"), dict(tile=32),
-            dict(num_warps=4), dict(num_warps=2, tile=128)]
+    return [{}, dict(tile=128, dot_tokens=64), dict(dot_tokens=64), dict(key_operands="prepass"),
+            dict(num_warps=2)]
 
 
 def i8_units(cfg: dict) -> int:
@@ -256,7 +258,11 @@ def bench_shape(batch, ctx, scale, key, best_cfg, deadline, best_i8=None, deadli
     good = [t for t in i8_trials if "ms" in t]
     if good:
         rest = {k: v for k, v in min(good, key=lambda t: t["ms"])["config"].items() if k != "splits"}
-        sweep(run_i8, [dict(rest, splits=s) for s in split_choices(batch, ctx, i8_units(rest), 3)[1:]],
+        units = i8_units(rest)
+        own = ki8.default_splits(batch, HEADS, ctx - RESIDUAL, GROUP, units * GROUP)
+        tried = {t["config"].get("splits", own) for t in i8_trials
+                 if {k: v for k, v in t["config"].items() if k != "splits"} == rest}
+        sweep(run_i8, [dict(rest, splits=s) for s in split_choices(batch, ctx, units, 4, own) if s not in tried][:2],
               i8_trials, deadline_i8 or deadline)
         top = min((t for t in i8_trials if "ms" in t), key=lambda t: t["ms"])
         row.update(i8_ms=top["ms"], i8_config=top["config"], i8_TBps=nb_ours / (top["ms"] * 1e-3) / 1e12,

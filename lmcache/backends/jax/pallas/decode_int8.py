@@ -49,13 +49,18 @@ kernel itself, once per key group (``key_operands="kernel"``: no extra pass, two
 group) or from jnp before it (``"prepass"``, ``key_operands()``: 512 or 1024 bytes per (query
 head, key group) written and read back).
 
-Size of the loop, from the TTIR this lowers to (jax 0.10.2) through Triton 3.6's passes to sm_90
-SASS (batch 16, 40 heads, 32K tokens, head_dim 128; instructions per thread and 64-token step,
-without the rare flush branch): 4-bit, one warp, 64-token tiles, 1038 (2.0 per code; the float
-kernel ``decode_attention`` at its best setting 4.45), 168 registers; 8-bit 1253 (2.45 per code;
-the float kernel 5.7), 232 registers. What remains is mostly the transposition of the value codes
-(the dot contracts tokens, the codes are stored by token: Triton transposes bytes through
-shared memory and PRMT) and the packing of the small operands into int8 registers.
+What the GPU runs (Nsight Compute on an H200, jax 0.11.2, 4-bit, batch 16 / 32K tokens, 17
+slices; warp instructions executed per 64-token step, all of the kernel): with the codes' bit
+operations written as jnp ops, 1771 per step, 460 of them PRMT and 500 LOP3, issue slots 49%
+busy, 12 warps per SM (168 registers). Triton moves elementwise ops past a layout conversion,
+so ``b & 0x0F`` and ``b ^ 0x80`` of the value codes ran after their transposition (the dot
+contracts tokens; the codes lie by token), byte by byte: extract, mask, flip, mask, repack. As
+inline PTX on whole registers before it (``_word_op``, ``asm_codes``) the step takes 1209
+instructions, but 202 registers (8 warps per SM) and the same time: the loop waits on its loads
+(long-scoreboard stalls 2.5 per instruction). Dots of 32 tokens (``dot_tokens``, 4-bit) then
+halve what each dot holds: 1.309 -> 1.203 ms. What remains: the transposition itself (stmatrix,
+shared memory and PRMTs, chosen by Triton), the small operands built a byte at a time through
+shared memory, and every step's loads issued at its top with nothing in flight between steps.
 
 """
 
@@ -83,7 +88,7 @@ from .decode_attention import (
 )
 
 __all__ = ["decode_attention", "decode_attention_reference", "kernel_supported", "choose_splits", "default_tile",
-           "key_operands", "fused_kernel", "BITS", "TARGET_PROGRAMS"]
+           "default_splits", "wave_splits", "key_operands", "fused_kernel", "BITS", "TARGET_PROGRAMS"]
 
 NEG = ops.NEG
 #: Code widths the kernel takes on each side (2-bit codes would need their own unpacking: they
@@ -108,14 +113,65 @@ _BIAS4 = -0x7F7F7F80  # 0x80808080 as int32 (sums wrap): 128 in each of four byt
 #: The codes entered the key dot shifted by -128 (4-bit: ``b - 128`` against ``X_o``, in a score 16
 #: times too large): the bias adds back ``128 sum X`` (``8 sum X_o``) times ``2**(e - 21)``.
 _SHIFT_BACK = {8: 128.0, 4: 8.0}
-#: Programs to aim for when choosing the token slices (``choose_splits``), each slice at least
-#: ``MIN_STEPS`` loop steps: on an H200 (jax 0.11.2, 2026-11-28), 4-bit, batch 16 / 32K tokens:
-#: 6 slices (3840 programs) 1.478 ms, 10 (6400) 1.424; batch 1 / 4K: 62 slices of one 64-token
-#: step 0.093 ms, 31 of two 0.062; batch 1 / 32K: 102 slices 0.149, 85 0.148; batch 1 / 128K:
-#: 93 slices 0.475, 66 0.439 (not what this picks: 93).
+#: Programs to aim for when choosing the token slices where ``wave_splits`` does not apply (few
+#: heads: ``choose_splits``), each slice at least ``MIN_STEPS`` loop steps. On an H200 (jax 0.11.2),
+#: 4-bit: batch 1 / 4K: 62 slices of one 64-token step 0.093 ms, 31 of two 0.062 (2026-11-28);
+#: batch 1 / 32K: 102 slices 0.125 ms, 51 0.130; batch 1 / 128K: 93 slices 0.366, 66 0.353
+#: (2026-11-29, the kernel of that day; this picks 102 and 93).
 TARGET_PROGRAMS = 6144
 MIN_STEPS = 2
+#: ``wave_splits``' model: one-warp programs an SM holds at once and the loop steps a program's
+#: start and end cost. Nsight Compute counted 12 at 168 registers (jnp bit operations) and 8 at
+#: 202 (``asm_codes``, 64-token dots); with 12 the model picks the fastest slice count measured
+#: with either build (17 at batch 16 / 32K); with 8 it would pick 3 (two waves of long slices; not
+#: measured).
+PROGRAMS_PER_SM = 12
+PROGRAM_OVERHEAD_STEPS = 2
 _EXP_CLAMP = 100  # exponents are clamped to +-this: 2**(21 -+ 100) and inverses stay normal floats
+
+
+def wave_splits(batch: int, q_heads: int, steps: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM,
+                min_steps: int = MIN_STEPS) -> int | None:
+    """Token slices per (batch, head) for a grid that fills the GPU several times over, or ``None``
+    where it does not (fewer heads than a quarter of one wave: ``choose_splits`` then).
+
+    Minimises ``ceil(waves) * (steps per slice + PROGRAM_OVERHEAD_STEPS)`` over the divisors of
+    ``steps`` that leave ``min_steps`` steps per slice: a last wave that is nearly empty costs as
+    much as a full one. On an H200 (132 SMs), 4-bit, batch 16 / 32K tokens (510 steps), slices
+    10 / 15 / 17 / 30 / 34 took 1.308 / 1.256 / 1.203 / 1.267 / 1.281 ms: this picks 17; batch
+    16 / 4K (62 steps): 2 / 1 slices 0.186 / 0.295 ms: this picks 2.
+    """
+    wave = sms * programs_per_sm
+    if batch * q_heads * 4 < wave:
+        return None
+    best = None
+    for s in range(1, steps + 1):
+        if steps % s or (s > 1 and steps // s < min_steps):
+            continue
+        cost = math.ceil(batch * q_heads * s / wave) * (steps / s + PROGRAM_OVERHEAD_STEPS)
+        if best is None or cost < best[0]:
+            best = (cost, s)
+    return best[1]
+
+
+def default_splits(batch: int, q_heads: int, tokens: int, k_group: int, tile: int, interpret: bool = False) -> int:
+    """The slices ``decode_attention`` takes when none are given: ``wave_splits`` on a GPU whose
+    waves the heads fill, else ``choose_splits`` for ``TARGET_PROGRAMS`` (``tile`` as given or
+    ``default_tile``; a slice holds whole tiles and key groups)."""
+    unit = max(tile, k_group)
+    sms = None if interpret else _gpu_sms()
+    return ((sms and wave_splits(batch, q_heads, tokens // unit, sms))
+            or choose_splits(batch, q_heads, tokens // k_group, unit // k_group, TARGET_PROGRAMS, MIN_STEPS))
+
+
+@functools.cache
+def _gpu_sms() -> int | None:
+    """Streaming multiprocessors of the first GPU (``None`` without one)."""
+    try:
+        dev = jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+    return getattr(dev, "core_count", None)
 
 
 def _pow2(e):
@@ -155,16 +211,31 @@ def _limbs(u, shift):
     return ((u >> shift) ^ 128).astype(jnp.int8)
 
 
-def _codes_i8(codes, bits: int):
+def _codes_i8(codes, bits: int, asm: bool = False):
     """uint8 packed codes ``[T, W]`` -> int8 dot operands (see the module doc).
 
     4-bit: ``[b & 0x0F, b ^ 0x80]`` (the even channels as 0..15, and ``lo + 16 hi - 128``);
     8-bit: ``[c ^ 0x80]`` (``c - 128``). The constants stay literal: LLVM then works on whole
-    words (with them opaque it went byte by byte).
+    words (with them opaque it went byte by byte). ``asm``: the same ops as inline PTX on four
+    bytes at a time, where they are (Triton otherwise moves them past the operand's layout
+    conversion, and after the value codes' transposition they ran byte by byte).
     """
+    if asm:
+        return [_word_op(codes, "and", 0x0F0F0F0F), _word_op(codes, "xor", 0x80808080)] if bits == 4 else \
+            [_word_op(codes, "xor", 0x80808080)]
     as_i8 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int8)
     flipped = as_i8(codes ^ jnp.uint8(0x80))
     return [as_i8(codes & jnp.uint8(0x0F)), flipped] if bits == 4 else [flipped]
+
+
+def _word_op(codes, op: str, mask: int):
+    """int8 ``codes op byte`` for uint8 ``codes`` (``op`` "and" / "xor", ``mask`` the byte four
+    times) as one PTX instruction per 32-bit register of four codes."""
+    from jax.experimental.pallas import triton as plgpu
+
+    [out] = plgpu.elementwise_inline_asm(f"{op}.b32 $0, $1, {mask:#010x};", args=[codes], constraints="=r,r",
+                                         pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.int8)])
+    return out
 
 
 def _key_limb_sources(xf, k_bits: int, reduce: bool = True):
@@ -185,7 +256,7 @@ def _key_limb_sources(xf, k_bits: int, reduce: bool = True):
     return x_e * 16 - x_o + _BIAS4, x_o + _BIAS4, total(x_o)
 
 
-def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass):
+def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass, asm_codes, dot_tokens):
     # Prepass: ku_ref [split // gk, pk, wk] int32, the biased limb sources of each key dot (one row
     #   per dot, see _key_limb_sources); kw_ref / kb_ref [split // gk] f32, 2**(e - 21) and the bias.
     # Kernel: q_ref [pk, wk] f32, the query times the softmax scale by phase; ks_ref / kl_ref
@@ -202,7 +273,7 @@ def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass):
     wk, wv = kc_ref.shape[1], vc_ref.shape[1]
     nvg = vs_ref.shape[1]
     nv = o_ref.shape[2]
-    sub = min(tile, gk)  # tokens per dot: one key group's B each
+    sub = min(tile, gk, dot_tokens)  # tokens per dot: within one key group (its B)
     nsub = tile // sub
     length = len_ref[()]
     n_valid = jnp.clip(length - pl.program_id(2) * split_len, 0, split_len)
@@ -232,8 +303,8 @@ def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass):
         terms = [qs[j] * kl_ref[grp, pl.ds(j, wk, stride=pk)].astype(jnp.float32) for j in range(pk)]
         return us, w, jnp.sum(sum(terms) + (_SHIFT_BACK[k_bits] * w) * shifted)
 
-    def scores_of(start):
-        us, w, bias = key_operand(start // gk)
+    def scores_of(start, operand):
+        us, w, bias = operand
         kcodes = _codes_i8(kc_ref[pl.ds(start, sub), :], k_bits)
         s_int = None
         for codes, u in zip(kcodes, us):
@@ -253,7 +324,9 @@ def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass):
     def body(it, carry):
         m, fe, den, vb_lv, vb_y, o_int = carry
         t0 = it * tile
-        scores = [scores_of(t0 + j * sub) for j in range(nsub)]
+        # Each key group's operand once per step, for all its dots (t0 is a multiple of gk or of tile).
+        operands = [key_operand(t0 // gk + k) for k in range(max(1, tile // gk))]
+        scores = [scores_of(t0 + j * sub, operands[j * sub // gk]) for j in range(nsub)]
         m_tile = functools.reduce(jnp.maximum, [jnp.max(x) for x in scores])
         # Move the reference only when a score passes it by RESCALE_MARGIN: p stays below e**8.
         m_new = jnp.where(m_tile > m + RESCALE_MARGIN, m_tile, m)
@@ -291,7 +364,7 @@ def _kernel(len_ref, *refs, k_bits, v_bits, gk, split_len, tile, prepass):
             for g in range(nvg - 2, -1, -1):
                 u_cols = jnp.where(v_grp == g, us[g], u_cols)
             p_op = _limbs(u_cols, v_shift)  # P^T [nv, sub] int8, the tokens (the dot's k) contiguous
-            vcodes = _codes_i8(vc_ref[r, :], v_bits)
+            vcodes = _codes_i8(vc_ref[r, :], v_bits, asm_codes)
             for ph in range(pv):
                 # codes^T @ P: contracting the tokens, [wv, nv]; added to the loop's accumulator.
                 o_int[ph] = o_int[ph] + jax.lax.dot_general(vcodes[ph], p_op, (((0,), (1,)), ((), ())),
@@ -355,8 +428,8 @@ def fused_kernel(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group:
     """The compiled decode kernel module for these sizes (``tokens``: the codes' token axis): this
     one where it applies, else ``decode_attention``'s float kernel where that applies, else ``None``.
 
-    This one first: on an H200 at batch 16 / 32K tokens it took 1.42 ms for 4-bit K/V against the
-    float kernel's 1.87 (8-bit 2.10 against 2.61), and it was faster at every benchmarked shape.
+    This one first: on an H200 at batch 16 / 32K tokens it took 1.25 ms for 4-bit K/V against the
+    float kernel's 1.88 (8-bit 1.83 against 2.61), and it was faster at every benchmarked shape.
     """
     if kernel_supported(head_dim, k_bits, v_bits, k_group, v_group, tile=default_tile(k_group, tokens)):
         return sys.modules[__name__]
@@ -367,7 +440,8 @@ def fused_kernel(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group:
 
 def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bits: int, v_bits: int,
                      scale: float | None = None, length=None, splits: int | None = None, tile: int | None = None,
-                     key_operands: str = "kernel", num_warps: int = 1, num_stages: int = 1, interpret: bool = False,
+                     key_operands: str = "kernel", asm_codes: bool = True, dot_tokens: int | None = None,
+                     num_warps: int = 1, num_stages: int = 1, interpret: bool = False,
                      groups_per_step=None, prefetch=None, prescale=None, words=None):
     """Attention of one query token per head over 4-/8-bit K/V, on the integer matrix units.
 
@@ -379,10 +453,13 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     tokens ``[0, length)`` are attended (an int or a traced int32 scalar; default ``T``).
     ``scale`` defaults to ``1/sqrt(D)``.
 
-    Launch: ``splits`` (token slices per head; default ``choose_splits`` for ``TARGET_PROGRAMS``), ``tile`` (tokens
+    Launch: ``splits`` (token slices per head; default ``default_splits``), ``tile`` (tokens
     per loop step, a multiple or divisor of ``gk``; default ``default_tile``),
     ``key_operands`` (``"kernel"``: each key group's fixed-point query computed in the kernel;
-    ``"prepass"``: by jnp before it, ``key_operands()``), ``num_warps``, ``num_stages``. The
+    ``"prepass"``: by jnp before it, ``key_operands()``), ``asm_codes`` (the value codes' bit
+    operations as inline PTX on whole registers; compiled only), ``dot_tokens`` (tokens per
+    matrix-unit dot, dividing ``min(tile, gk)``, at least 32 compiled; default 32 for 4-bit K and
+    V, else ``min(tile, gk)``), ``num_warps``, ``num_stages``. The
     other kernel's options (``groups_per_step``, ``prefetch``, ``prescale``, ``words``) are
     accepted and ignored, so callers can switch kernels.
 
@@ -410,11 +487,18 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
                          f"decode_attention_reference")
     if key_operands not in ("kernel", "prepass"):
         raise ValueError(f"key_operands must be 'kernel' or 'prepass', got {key_operands!r}")
+    per_group = min(tile, gk)
+    if dot_tokens is None:  # 4-bit: 32 (H200, batch 16 / 32K: 1.203 against 1.309 ms); 8-bit: 64 (1.825, 1.925)
+        dot_tokens = min(32, per_group) if k_bits == v_bits == 4 and (interpret or per_group >= 32) else per_group
+    if not isinstance(dot_tokens, int) or dot_tokens < 1 or per_group % dot_tokens or \
+            (not interpret and dot_tokens < 32):
+        raise ValueError(f"dot_tokens must be a positive integer dividing {per_group} (min(tile, key group)), at "
+                         f"least 32 when compiled, got {dot_tokens!r}")
     unit = max(tile, gk)  # a split holds whole key groups and whole tiles
     if t % unit:
         raise ValueError(f"tile {tile} must divide the {t} tokens")
     if splits is None:
-        splits = choose_splits(b, hq, t // gk, unit // gk, TARGET_PROGRAMS, MIN_STEPS)
+        splits = default_splits(b, hq, t, gk, tile, interpret)
     if not isinstance(splits, int) or splits < 1 or (t // unit) % splits:
         raise ValueError(f"splits must be a positive integer dividing {t // unit} (tokens / max(tile, key group)), "
                          f"got {splits!r}")
@@ -423,7 +507,8 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     length = jnp.asarray(t if length is None else length, jnp.int32)
     return _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, k_bits=k_bits, v_bits=v_bits,
                    scale=float(scale), splits=splits, tile=tile, prepass=key_operands == "prepass",
-                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                   asm_codes=bool(asm_codes) and not interpret, dot_tokens=dot_tokens, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
 
 
 def key_operands(q, k_scale, k_lo, *, k_bits: int):
@@ -451,10 +536,10 @@ def key_operands(q, k_scale, k_lo, *, k_bits: int):
     return jnp.stack(us, axis=-2), w, bias + _SHIFT_BACK[k_bits] * w * shifted
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "scale", "splits", "tile", "prepass", "num_warps",
-                                             "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "scale", "splits", "tile", "prepass", "asm_codes",
+                                             "dot_tokens", "num_warps", "num_stages", "interpret"))
 def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits, v_bits, scale, splits, tile,
-            prepass, num_warps, num_stages, interpret):
+            prepass, asm_codes, dot_tokens, num_warps, num_stages, interpret):
     b, hq, d = q.shape
     hkv, t = k_codes.shape[1], k_codes.shape[2]
     rep = hq // hkv
@@ -468,7 +553,7 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, k_bits
     gsplit = split // gk
     qf = q.astype(jnp.float32) * scale
     kernel = functools.partial(_kernel, k_bits=k_bits, v_bits=v_bits, gk=gk, split_len=split, tile=tile,
-                               prepass=prepass)
+                               prepass=prepass, asm_codes=asm_codes, dot_tokens=dot_tokens)
     if prepass:
         u, w, bias = key_operands(qf, k_scale, k_lo, k_bits=k_bits)
         q_specs = [pl.BlockSpec((None, None, gsplit, pk, wk), lambda i, h, s: (i, h, s, 0, 0)),
