@@ -56,8 +56,8 @@ busy, 12 warps per SM (168 registers). Triton moves elementwise ops past a layou
 so ``b & 0x0F`` and ``b ^ 0x80`` of the value codes ran after their transposition (the dot
 contracts tokens; the codes lie by token), byte by byte: extract, mask, flip, mask, repack. As
 inline PTX on whole registers before it (``_word_op``, ``asm_codes``) the step takes 1209
-instructions, but 202 registers (8 warps per SM) and the same time: the loop waits on its loads
-(long-scoreboard stalls 2.5 per instruction). Dots of 32 tokens (``dot_tokens``, 4-bit) then
+instructions, but 202 registers (8 warps per SM) and nearly the same time (1.317 -> 1.294 ms):
+the loop waits on its loads (long-scoreboard stalls 2.5 per instruction). Dots of 32 tokens (``dot_tokens``, 4-bit) then
 halve what each dot holds: 1.309 -> 1.203 ms; 1257 instructions per step, 146 registers (12
 warps per SM), kernel 1.16 ms, DRAM 56% of its peak, issue slots 38% busy, long-scoreboard
 stalls 3.8 per instruction. What remains: every step's loads issued at its top with nothing in
