@@ -3,7 +3,8 @@
     python bench/ab_pallas.py --tag dot32 "splits=17" "splits=17,dot_tokens=64" --shape 16,32640
 
 Each setting is a comma-separated list of ``decode_int8.decode_attention`` keyword arguments
-(integers, or text such as ``key_operands=prepass``). The settings run on the same random cache
+(integers, or text such as ``key_operands=prepass``); ``kernel=lanes`` runs
+``decode_lanes.decode_attention`` instead (4-bit only). The settings run on the same random cache
 (``bench/ncu_pallas.py``'s inputs: batch and quantized tokens from ``--shape``, 40 heads of 128,
 key and value groups of 64) in interleaved rounds; each reports the median of ``--rounds``
 rounds of ``--calls`` calls, and its largest difference from the first setting's output and
@@ -16,6 +17,7 @@ Prints a table; writes ``bench/results/decode_int8-ab-<tag>-<bits>bit-b<batch>-t
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ncu_pallas  # noqa: E402
 
-from lmcache.backends.jax.pallas import decode_int8 as ki8  # noqa: E402
+KERNELS = {"int8": "decode_int8", "lanes": "decode_lanes"}  # the ``kernel=`` setting: a module of pallas/
 
 
 def parse(setting: str) -> dict:
@@ -57,7 +59,8 @@ def main() -> None:
     rows, fns, first = [], [], None
     for setting in args.settings:
         cfg = parse(setting)
-        fn = jax.jit(lambda *a, cfg=cfg: ki8.decode_attention(*a, k_bits=args.bits, v_bits=args.bits, **cfg))
+        mod = importlib.import_module(f"lmcache.backends.jax.pallas.{KERNELS[cfg.pop('kernel', 'int8')]}")
+        fn = jax.jit(lambda *a, cfg=cfg, mod=mod: mod.decode_attention(*a, k_bits=args.bits, v_bits=args.bits, **cfg))
         try:
             out, lse = jax.block_until_ready(fn(*inputs))
         except Exception as e:  # a setting that does not compile is reported and left out

@@ -8,8 +8,8 @@ Batch 16 x 40 heads x 128 channels, 32640 quantized tokens (as ``bench/decode_at
 lays out a 32K cache), one query token; random codes, scales and offsets (the kernel's work does
 not depend on their values except through rare flushes). The kernel runs three times, so
 ``--launch-skip 2`` profiles a warm call. Settings after the bits are keyword arguments of
-``decode_int8.decode_attention`` (integers, or text). With ``NCU_PALLAS_TIME=1`` it also prints
-the time per call. ``inputs`` also serves ``bench/ab_pallas.py``.
+``decode_int8.decode_attention`` (integers, or text; ``kernel=lanes``: ``decode_lanes``). With
+``NCU_PALLAS_TIME=1`` it also prints the time per call. ``inputs`` also serves ``bench/ab_pallas.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lmcache.backends.jax.pallas import decode_int8 as ki8  # noqa: E402
+from lmcache.backends.jax.pallas import decode_lanes as dl  # noqa: E402
 
 B, H, D, T, GROUP = 16, 40, 128, 32640, 64
 
@@ -48,7 +49,8 @@ def main() -> None:
         name, value = item.split("=")
         cfg[name] = int(value) if value.isdigit() else value
     args = inputs(bits)
-    f = jax.jit(lambda *a: ki8.decode_attention(*a, k_bits=bits, v_bits=bits, **cfg))
+    mod = dl if cfg.pop("kernel", "int8") == "lanes" else ki8
+    f = jax.jit(lambda *a: mod.decode_attention(*a, k_bits=bits, v_bits=bits, **cfg))
     for _ in range(3):
         out = jax.block_until_ready(f(*args))
     if os.environ.get("NCU_PALLAS_TIME"):
