@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import pallas_interpret_device, require
+from conftest import need_jax_gpu, pallas_interpret_device, require
 
 jax = require("jax")
 jnp = jax.numpy
-require("triton")  # the PTX strings and their emulations are read from the torch backend's module
 pl_da = require("lmcache.backends.jax.pallas.decode_attention")
 pl_lanes = require("lmcache.backends.jax.pallas.decode_lanes")
 from test_pallas_int8 import _quantized  # noqa: E402
@@ -61,3 +60,17 @@ def test_lanes_kernel_lowers_to_triton_for_cuda():
     fn = lambda q, *a: pl_lanes.decode_attention(q, *a, k_bits=4, v_bits=4, splits=17)
     text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=chk)(*avals).mlir_module()
     assert "__gpu$xla.gpu.triton" in text
+
+
+# ---------------------------------------------------------------------------- compiled, on a GPU
+@pytest.mark.cuda
+def test_compiled_lanes_kernel_on_gpu_matches_the_reference(rng):
+    need_jax_gpu()
+    b, h, t, d = 2, 4, 1024, 128
+    args = _quantized(rng, b, h, t, d, 4, 4, 64, 64)
+    q = jnp.asarray(rng.standard_normal((b, 2 * h, d)), jnp.float16)
+    for length, splits in ((t, None), (700, 2), (33, 1), (0, 4)):
+        out, lse = pl_lanes.decode_attention(q, *args, k_bits=4, v_bits=4, length=length, splits=splits)
+        ref_out, ref_lse = pl_da.decode_attention_reference(q, *args, k_bits=4, v_bits=4, length=length)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import ptx
+from . import decode_int8, ptx
 from .common import compiler_params
 
 TILE = 32
@@ -286,9 +286,10 @@ def supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group: in
 
 
 def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bits: int, v_bits: int,
-                     scale: float | None = None, length=None, splits: int = 1, interpret: bool = False):
+                     scale: float | None = None, length=None, splits: int | None = None, interpret: bool = False):
     """Attention of one query token per head over 4-bit K/V (arguments and results as
-    ``decode_int8.decode_attention``): ``(out float32 [B, Hq, 128], lse float32 [B, Hq])``."""
+    ``decode_int8.decode_attention``): ``(out float32 [B, Hq, 128], lse float32 [B, Hq])``.
+    ``splits``: token slices per head (whole key groups each; default ``decode_int8.default_splits``)."""
     d, t = q.shape[2], k_codes.shape[2]
     gk = t // k_scale.shape[2]
     gv = d // v_scale.shape[3]
@@ -297,6 +298,8 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
                          f"power of two >= {TILE}; got head_dim {d}, {k_bits}/{v_bits} bits, groups {gk}/{gv}")
     if not isinstance(splits, int) or splits < 1 or t % (splits * max(gk, TILE)):
         raise ValueError(f"splits must divide the {t} tokens into whole key groups, got {splits!r}")
+    if splits is None:
+        splits = decode_int8.default_splits(q.shape[0], q.shape[1], t, gk, TILE, interpret)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     length = jnp.asarray(t if length is None else length, _I32)
     return _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, scale=float(scale), splits=splits,

@@ -1,8 +1,7 @@
 """Inline-PTX pieces of the lane-explicit Pallas decode kernel (``decode_lanes``), with emulations.
 
-The same asm strings as ``lmcache.backends.torch.triton.ptx`` (work in progress: they and their
-numpy emulations are read from there, which needs Triton; they belong in a numpy-only module both
-backends import). Compiled, each helper is ``elementwise_inline_asm`` with ``pack=1`` on per-lane
+The asm strings and numpy emulations of ``lmcache.backends.imma_ptx`` (shared with the torch
+backend's ``decode_imma``). Compiled, each helper is ``elementwise_inline_asm`` with ``pack=1`` on per-lane
 ``[32, ...]`` int32 arrays (row ``l`` is what lane ``l`` holds); interpreted, the numpy emulation
 runs through ``jax.pure_callback`` on the whole warp's arrays, with the PTX ISA's fragment layouts.
 """
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...torch.triton import ptx as _torch_ptx
+from ... import imma_ptx as _p
 
 _I32 = jnp.int32
 
@@ -80,41 +79,41 @@ def _run(asm, emu, constraints: str, args, n_out: int, interpret: bool):
 def mma_keys(a, b, interpret: bool):
     """Four chained ``m16n8k32`` (u8 codes x s8): ``a`` 16 A registers (k-step major), ``b`` 8 B
     registers; int32 arrays of one shape. Returns the D fragment (4 arrays)."""
-    return _run(_torch_ptx._MMA_KEYS.value, _torch_ptx._emu_mma_keys, _torch_ptx._C_KEYS.value, [*a, *b], 4,
+    return _run(_p.MMA_KEYS, _p.emu_mma_keys, _p.C_KEYS, [*a, *b], 4,
                 interpret)
 
 
 def mma_values(a, b, c, interpret: bool):
     """``C + A @ B`` (``m16n8k32``, u8 x u8 -> int32): 4 A, 2 B, 4 C arrays -> 4 D arrays."""
-    return _run(_torch_ptx._MMA_VALUES.value, _torch_ptx._emu_mma_values, _torch_ptx._C_VALUES.value, [*a, *b, *c],
+    return _run(_p.MMA_VALUES, _p.emu_mma_values, _p.C_VALUES, [*a, *b, *c],
                 4, interpret)
 
 
 def bfly(x, mask: int, interpret: bool):
     """float32 ``x`` plus ``x`` of lane ``l ^ mask``."""
-    [y] = _run(_torch_ptx._BFLY.value, _torch_ptx._emu_bfly, "=r,r,r", [x, jnp.full(jnp.shape(x), mask, _I32)], 1,
+    [y] = _run(_p.BFLY, _p.emu_bfly, "=r,r,r", [x, jnp.full(jnp.shape(x), mask, _I32)], 1,
                interpret)
     return x + jax.lax.bitcast_convert_type(y, jnp.float32)
 
 
 def spread_p(p, interpret: bool):
     """Lane ``(g, t)`` gets ``p[0..3]`` of lane ``4t`` and of lane ``4t + 16``: 8 int32 arrays."""
-    return _run(_torch_ptx._SPREAD.value, _torch_ptx._emu_spread, _torch_ptx._C_SPREAD.value, list(p), 8, interpret)
+    return _run(_p.SPREAD, _p.emu_spread, _p.C_SPREAD, list(p), 8, interpret)
 
 
 def transpose4(a, b, c, d, interpret: bool):
     """4 x 4 byte transpose: output ``j`` holds byte ``j`` of ``a``, ``b``, ``c``, ``d``."""
-    return _run(_torch_ptx._TRANSPOSE.value, _torch_ptx._emu_transpose, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], 4,
+    return _run(_p.TRANSPOSE, _p.emu_transpose, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], 4,
                 interpret)
 
 
 def gather_byte(x0, x1, x2, x3, sel, interpret: bool):
     """One word of byte ``L`` of ``x0 .. x3``; ``sel`` = ``L | (L + 4) << 4``."""
-    [y] = _run(_torch_ptx._GATHER.value, _torch_ptx._emu_gather, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], 1,
+    [y] = _run(_p.GATHER, _p.emu_gather, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], 1,
                interpret)
     return y
 
 
 def key_b(w0, w1, w2, interpret: bool):
-    """The key product's 8 B registers from limb words (``torch.triton.ptx.key_b``)."""
-    return _run(_torch_ptx._KEY_B.value, _torch_ptx._emu_key_b, _torch_ptx._C_KEY_B.value, [w0, w1, w2], 8, interpret)
+    """The key product's 8 B registers from limb words (``torch.triton.ptx.key_b``'s)."""
+    return _run(_p.KEY_B, _p.emu_key_b, _p.C_KEY_B, [w0, w1, w2], 8, interpret)

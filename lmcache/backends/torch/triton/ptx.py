@@ -6,16 +6,11 @@ a fragment is a tensor of its own and the asm runs once per element (``pack=1``)
 order of a thread's registers within a tensor is Triton's choice (it follows permutes).
 
 Under ``TRITON_INTERPRET=1`` there is no PTX: ``emulate_in_interpreter`` teaches the interpreter
-each asm string through its numpy emulation here, which implements the PTX ISA's fragment
-layouts, so the kernel runs (and is tested) on CPU with the same lane arithmetic as on the GPU.
-The shared-memory stages (sm_90: a static ``.shared`` ring, mbarriers, TMA bulk copies,
-``ld.shared``) are emulated by one host array that each program makes anew, copies done at once.
-
-Fragments of ``mma.sync.aligned.m16n8k32`` (8-bit A and B, int32 C), lane ``l``: group
-``g = l // 4``, ``t = l % 4``. A (16 x 32, row): register 0 holds ``A[g, 4t .. 4t + 3]``,
-1 ``A[g + 8, 4t ..]``, 2 ``A[g, 4t + 16 ..]``, 3 ``A[g + 8, 4t + 16 ..]`` (byte ``i`` = column
-``+ i``). B (32 x 8, col): register 0 ``B[4t .. 4t + 3, g]``, 1 ``B[4t + 16 .., g]``.
-C/D (16 x 8): ``D[g, 2t]``, ``D[g, 2t + 1]``, ``D[g + 8, 2t]``, ``D[g + 8, 2t + 1]``.
+each asm string through its numpy emulation (the matrix-unit ones, with the fragment layouts, in
+``lmcache.backends.imma_ptx``, shared with the Pallas kernel), so the kernel runs (and is tested)
+on CPU with the same lane arithmetic as on the GPU. The shared-memory stages (sm_90: a static
+``.shared`` ring, mbarriers, TMA bulk copies, ``ld.shared``) are emulated by one host array that
+each program makes anew, copies done at once.
 """
 
 from __future__ import annotations
@@ -26,33 +21,16 @@ import numpy as np
 import triton
 import triton.language as tl
 
-_MMA_KEYS = tl.constexpr("".join(
-    ["mov.b32 $0, 0;\n mov.b32 $1, 0;\n mov.b32 $2, 0;\n mov.b32 $3, 0;\n"]
-    + [f"mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0,$1,$2,$3}}, {{${4 + 4 * s},${5 + 4 * s},"
-       f"${6 + 4 * s},${7 + 4 * s}}}, {{${20 + 2 * s},${21 + 2 * s}}}, {{$0,$1,$2,$3}};\n" for s in range(4)]))
-_MMA_VALUES = tl.constexpr("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                           "{$10,$11,$12,$13};")
-_BFLY = tl.constexpr("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;")
-_SPREAD = tl.constexpr("{ .reg .u32 l, s0, s1;\n mov.u32 l, %laneid;\n and.b32 l, l, 3;\n shl.b32 s0, l, 2;\n"
-                       " add.u32 s1, s0, 16;\n"
-                       + "".join(f"shfl.sync.idx.b32 ${j}, ${8 + j}, s0, 0x1f, 0xffffffff;\n" for j in range(4))
-                       + "".join(f"shfl.sync.idx.b32 ${4 + j}, ${8 + j}, s1, 0x1f, 0xffffffff;\n" for j in range(4))
-                       + "}")
-_TRANSPOSE = tl.constexpr("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;\n prmt.b32 y, $4, $5, 0x7362;\n"
-                          " prmt.b32 z, $6, $7, 0x5140;\n prmt.b32 w, $6, $7, 0x7362;\n prmt.b32 $0, x, z, 0x5410;\n"
-                          " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
-_PRMT = tl.constexpr("prmt.b32 $0, $1, $2, $3;")
-_GATHER = tl.constexpr("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
-                       " prmt.b32 $0, y, z, 0x5410; }")
-# Key B words from limb words: round r reads lane 4r + t's three limb words, keeps limb g's (0 for g >= 3)
-_KEY_B = tl.constexpr("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .b32 a, b, c;\n mov.u32 l, %laneid;\n"
-                      " and.b32 t, l, 3;\n shr.u32 g, l, 2;\n setp.eq.u32 p1, g, 1;\n setp.eq.u32 p2, g, 2;\n"
-                      " setp.gt.u32 p3, g, 2;\n"
-                      + "".join(f" add.u32 s, t, {4 * r};\n shfl.sync.idx.b32 a, $8, s, 0x1f, 0xffffffff;\n"
-                                f" shfl.sync.idx.b32 b, $9, s, 0x1f, 0xffffffff;\n"
-                                f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
-                                f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
-                      + "}")
+from ... import imma_ptx as _imma
+
+_MMA_KEYS = tl.constexpr(_imma.MMA_KEYS)
+_MMA_VALUES = tl.constexpr(_imma.MMA_VALUES)
+_BFLY = tl.constexpr(_imma.BFLY)
+_SPREAD = tl.constexpr(_imma.SPREAD)
+_TRANSPOSE = tl.constexpr(_imma.TRANSPOSE)
+_PRMT = tl.constexpr(_imma.PRMT)
+_GATHER = tl.constexpr(_imma.GATHER)
+_KEY_B = tl.constexpr(_imma.KEY_B)
 
 
 def _on_lanes(*lines: str) -> tl.constexpr:
@@ -80,10 +58,10 @@ _WAIT = tl.constexpr("{ .reg .pred p;\n lmc_wait:\n mbarrier.try_wait.parity.sha
                      " @!p bra lmc_wait;\n mov.b32 $0, 0; }")
 _LDS128 = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$5];")
 _LDS64 = tl.constexpr("ld.shared.v2.b32 {$0, $1}, [$3];")
-_C_KEY_B = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 3))
-_C_KEYS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))
-_C_VALUES = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
-_C_SPREAD = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
+_C_KEY_B = tl.constexpr(_imma.C_KEY_B)
+_C_KEYS = tl.constexpr(_imma.C_KEYS)
+_C_VALUES = tl.constexpr(_imma.C_VALUES)
+_C_SPREAD = tl.constexpr(_imma.C_SPREAD)
 
 
 @triton.jit
@@ -220,81 +198,7 @@ def lds64(tok, addr):
                                      pack=1)
 
 
-# ---- numpy emulations (lane-major arrays: axis 0 is the lane) ----
-
-def _bytes(regs: np.ndarray) -> np.ndarray:
-    """int32 [..., r] -> uint8 [..., r, 4], byte 0 the least significant."""
-    return np.ascontiguousarray(regs).astype("<i4").view(np.uint8).reshape(*regs.shape, 4)
-
-
-def _lanes(x: np.ndarray) -> np.ndarray:
-    """[32, ...] -> [32, n]: lane-major, one column per instance."""
-    return np.ascontiguousarray(x).astype(np.int32).reshape(32, -1)
-
-
-def _mma(a_regs: list, b_regs: list, c: list, b_signed: bool) -> list:
-    """One warp's m16n8k32 for each instance: 4 A, 2 B and 4 C arrays [32, n] -> 4 D arrays."""
-    lane = np.arange(32)
-    g, t = lane // 4, lane % 4
-    ab = _bytes(np.stack([_lanes(x) for x in a_regs], -1)).astype(np.int64)  # [32, n, 4, 4]
-    bb = _bytes(np.stack([_lanes(x) for x in b_regs], -1))
-    bb = (bb.view(np.int8) if b_signed else bb).astype(np.int64)  # [32, n, 2, 4]
-    n = ab.shape[1]
-    A = np.zeros((n, 16, 32), np.int64)
-    B = np.zeros((n, 32, 8), np.int64)
-    for i in range(4):
-        A[:, g, 4 * t + i] = ab[:, :, 0, i].T
-        A[:, g + 8, 4 * t + i] = ab[:, :, 1, i].T
-        A[:, g, 4 * t + 16 + i] = ab[:, :, 2, i].T
-        A[:, g + 8, 4 * t + 16 + i] = ab[:, :, 3, i].T
-        B[:, 4 * t + i, g] = bb[:, :, 0, i].T
-        B[:, 4 * t + 16 + i, g] = bb[:, :, 1, i].T
-    D = A @ B
-    d = [D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1]]  # [n, 32] each
-    return [(x.T + _lanes(cc)).astype(np.int64).astype(np.int32).reshape(np.shape(cc)) for x, cc in zip(d, c)]
-
-
-def _emu_mma_keys(*ops):
-    a, b = ops[:16], ops[16:]
-    d = [np.zeros_like(a[0]) for _ in range(4)]
-    for s in range(4):
-        d = _mma(a[4 * s:4 * s + 4], b[2 * s:2 * s + 2], d, True)
-    return d
-
-
-def _emu_mma_values(*ops):
-    return _mma(ops[:4], ops[4:6], ops[6:], False)
-
-
-def _emu_bfly(x, mask):
-    m = int(np.asarray(mask).reshape(32, -1)[0, 0])
-    return [np.ascontiguousarray(x)[np.arange(32) ^ m]]
-
-
-def _emu_spread(*p):
-    t = np.arange(32) % 4
-    return [np.ascontiguousarray(x)[4 * t] for x in p] + [np.ascontiguousarray(x)[4 * t + 16] for x in p]
-
-
-def _emu_transpose(a, b, c, d):
-    words = np.stack([_bytes(np.asarray(x)) for x in (a, b, c, d)], -1)  # [..., 4 (byte), 4 (word)]
-    return [np.ascontiguousarray(words[..., j, :]).view("<i4")[..., 0] for j in range(4)]
-
-
-def _emu_gather(x0, x1, x2, x3, sel):
-    lb = np.asarray(sel) & 0xF
-    words = np.stack([_bytes(np.asarray(x)) for x in (x0, x1, x2, x3)], -2)  # [..., 4 (word), 4 (byte)]
-    picked = np.take_along_axis(words, np.broadcast_to(lb[..., None, None], words.shape[:-1] + (1,)), -1)
-    return [np.ascontiguousarray(picked[..., 0]).view("<i4")[..., 0]]
-
-
-def _emu_prmt(a, b, sel):
-    src = np.concatenate([_bytes(np.asarray(a)), _bytes(np.asarray(b))], -1)  # [..., 8]
-    s = np.asarray(sel)
-    assert not np.any(s & 0x8888), "prmt's sign-replicating selectors are not emulated"
-    idx = np.stack([(s >> (4 * k)) & 7 for k in range(4)], -1)
-    return [np.ascontiguousarray(np.take_along_axis(src, idx, -1)).view("<i4")[..., 0]]
-
+# ---- numpy emulations (lane-major arrays: axis 0 is the lane; the matrix-unit ones in imma_ptx) ----
 
 def _emu_l2_bulk(on, addr, nbytes):
     return [np.zeros_like(on)]
@@ -335,20 +239,9 @@ def _emu_lds(words: int):
     return emu
 
 
-def _emu_key_b(w0, w1, w2):
-    lane = np.arange(32)
-    g, t = lane // 4, lane % 4
-    w = np.stack([np.ascontiguousarray(x) for x in (w0, w1, w2)])  # [limb, 32, ...]
-    return [np.where((g < 3).reshape((32,) + (1,) * (w.ndim - 2)), w[np.minimum(g, 2), 4 * r + t], 0)
-            for r in range(8)]
-
-
-_EMULATIONS = {_KEY_B.value: _emu_key_b, _L2_BULK.value: _emu_l2_bulk, _MMA_KEYS.value: _emu_mma_keys,
-               _MMA_VALUES.value: _emu_mma_values, _BFLY.value: _emu_bfly,
-               _SPREAD.value: _emu_spread, _TRANSPOSE.value: _emu_transpose, _GATHER.value: _emu_gather,
-               _PRMT.value: _emu_prmt,
-               _MBAR_INIT.value: _emu_nothing, _ARRIVE_TX.value: _emu_nothing, _BULK_COPY.value: _emu_bulk_copy,
-               _WAIT.value: _emu_nothing, _LDS128.value: _emu_lds(4), _LDS64.value: _emu_lds(2)}
+_EMULATIONS = {**_imma.EMULATIONS, _L2_BULK.value: _emu_l2_bulk, _MBAR_INIT.value: _emu_nothing,
+               _ARRIVE_TX.value: _emu_nothing, _BULK_COPY.value: _emu_bulk_copy, _WAIT.value: _emu_nothing,
+               _LDS128.value: _emu_lds(4), _LDS64.value: _emu_lds(2)}
 
 
 def _emulation(asm: str):
