@@ -24,12 +24,13 @@ def _interpret_on_cpu(request):
 
 
 # 4-bit K/V, head_dim 128; lengths that end inside a tile and inside a split; 2 query heads per
-# KV head; key groups of 64 and 32.
-@pytest.mark.parametrize("hkv,gk,length,splits", [(1, 64, 256, 1), (2, 64, 200, 2), (1, 32, 37, 1),
-                                                  (1, 64, 0, 2)])
-def test_lanes_kernel_matches_the_reference(rng, hkv, gk, length, splits):
+# KV head; key groups of 32, 64 and 128; float16 and bfloat16 scales.
+@pytest.mark.parametrize("hkv,gk,length,splits,dtype", [(1, 64, 256, 1, "float16"), (2, 64, 200, 2, "float16"),
+                                                        (1, 32, 37, 1, "float16"), (1, 64, 0, 2, "float16"),
+                                                        (2, 128, 130, 2, "bfloat16")])
+def test_lanes_kernel_matches_the_reference(rng, hkv, gk, length, splits, dtype):
     b, rep, t, d = 1, 2, 256, 128
-    args = _quantized(rng, b, hkv, t, d, 4, 4, gk, 64)
+    args = _quantized(rng, b, hkv, t, d, 4, 4, gk, 64, dtype=dtype)
     q = jnp.asarray(rng.standard_normal((b, hkv * rep, d)), jnp.float16)
     ref_out, ref_lse = pl_da.decode_attention_reference(q, *args, k_bits=4, v_bits=4, scale=0.3, length=length)
     out, lse = pl_lanes.decode_attention(q, *args, k_bits=4, v_bits=4, scale=0.3, length=length, splits=splits,
