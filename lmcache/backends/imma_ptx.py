@@ -82,6 +82,7 @@ def _mma(a_regs: list, b_regs: list, c: list, b_signed: bool) -> list:
 
 
 def emu_mma_keys(*ops):
+    """``MMA_KEYS``: 16 A then 8 B int32 arrays [32, ...] (k-step major) -> the 4 D arrays."""
     a, b = ops[:16], ops[16:]
     d = [np.zeros_like(a[0]) for _ in range(4)]
     for s in range(4):
@@ -90,25 +91,30 @@ def emu_mma_keys(*ops):
 
 
 def emu_mma_values(*ops):
+    """``MMA_VALUES``: 4 A, 2 B, 4 C int32 arrays [32, ...] -> the 4 D arrays (``C + A @ B``)."""
     return _mma(ops[:4], ops[4:6], ops[6:], False)
 
 
 def emu_bfly(x, mask):
+    """``BFLY``: int32 ``x`` [32, ...] of lane ``l ^ mask`` (``mask`` the same in every element)."""
     m = int(np.asarray(mask).reshape(32, -1)[0, 0])
     return [np.ascontiguousarray(x)[np.arange(32) ^ m]]
 
 
 def emu_spread(*p):
+    """``SPREAD``: 4 int32 [32, ...] -> 8: each of lane ``4t``, then each of lane ``4t + 16``."""
     t = np.arange(32) % 4
     return [np.ascontiguousarray(x)[4 * t] for x in p] + [np.ascontiguousarray(x)[4 * t + 16] for x in p]
 
 
 def emu_transpose(a, b, c, d):
+    """``TRANSPOSE``: output ``j`` (int32) holds byte ``j`` of ``a``, ``b``, ``c``, ``d``."""
     words = np.stack([_bytes(np.asarray(x)) for x in (a, b, c, d)], -1)  # [..., 4 (byte), 4 (word)]
     return [np.ascontiguousarray(words[..., j, :]).view("<i4")[..., 0] for j in range(4)]
 
 
 def emu_gather(x0, x1, x2, x3, sel):
+    """``GATHER``: byte ``sel & 0xF`` of ``x0 .. x3`` into one int32 word."""
     lb = np.asarray(sel) & 0xF
     words = np.stack([_bytes(np.asarray(x)) for x in (x0, x1, x2, x3)], -2)  # [..., 4 (word), 4 (byte)]
     picked = np.take_along_axis(words, np.broadcast_to(lb[..., None, None], words.shape[:-1] + (1,)), -1)
@@ -116,6 +122,7 @@ def emu_gather(x0, x1, x2, x3, sel):
 
 
 def emu_prmt(a, b, sel):
+    """``PRMT``: ``prmt.b32`` of int32 ``a``, ``b`` by ``sel`` (no sign-replicating selectors)."""
     src = np.concatenate([_bytes(np.asarray(a)), _bytes(np.asarray(b))], -1)  # [..., 8]
     s = np.asarray(sel)
     assert not np.any(s & 0x8888), "prmt's sign-replicating selectors are not emulated"
@@ -124,6 +131,8 @@ def emu_prmt(a, b, sel):
 
 
 def emu_key_b(w0, w1, w2):
+    """``KEY_B``: the 8 B registers of lanes ``(g, t)`` from limb words ``w0-w2`` [32, ...] (limb ``g``,
+    0 for ``g >= 3``, of lane ``4r + t`` for register ``r``)."""
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
     w = np.stack([np.ascontiguousarray(x) for x in (w0, w1, w2)])  # [limb, 32, ...]
