@@ -296,10 +296,10 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     if not supported(d, k_bits, v_bits, gk, gv):
         raise ValueError(f"decode_lanes takes 4-bit K and V, head_dim 128, value groups of 64 and key groups of a "
                          f"power of two >= {TILE}; got head_dim {d}, {k_bits}/{v_bits} bits, groups {gk}/{gv}")
-    if not isinstance(splits, int) or splits < 1 or t % (splits * max(gk, TILE)):
-        raise ValueError(f"splits must divide the {t} tokens into whole key groups, got {splits!r}")
     if splits is None:
         splits = decode_int8.default_splits(q.shape[0], q.shape[1], t, gk, TILE, interpret)
+    if not isinstance(splits, int) or splits < 1 or t % (splits * max(gk, TILE)):
+        raise ValueError(f"splits must divide the {t} tokens into whole key groups, got {splits!r}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     length = jnp.asarray(t if length is None else length, _I32)
     return _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, scale=float(scale), splits=splits,
