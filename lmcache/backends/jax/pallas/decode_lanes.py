@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 
 from . import decode_int8, ptx
 from .common import compiler_params
+from .decode_attention import merge_splits
 
 TILE = 32
 _TAU = 3.0  # the softmax reference moves when a score passes it by more than this (log2)
@@ -276,7 +277,8 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
         idx = o_t0 + half
         _store(o_ref, (idx,), _load(o_ref, (idx,), mask=keep, other=0.0) + _lanes_t0(fh + lo), mask=None)
     two = jax.lax.broadcasted_iota(_I32, (2,), 0)
-    ml_ref[...] = jnp.where(two == 0, m_ref, jnp.sum(l_p))
+    # the reference in natural units (the kernel's is base 2, its sums of 2**(s - m) = e**((s - m) ln 2))
+    ml_ref[...] = jnp.where(two == 0, m_ref * math.log(2.0), jnp.sum(l_p))
 
 
 def supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group: int) -> bool:
@@ -332,12 +334,4 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, scale,
         interpret=interpret, compiler_params=compiler_params(interpret, 1, 1), name="lmcache_decode_lanes",
     )(length, q, words(k_codes), k_scale, k_lo, words(v_codes), v_scale.reshape(b, hkv, 2 * t),
       v_lo.reshape(b, hkv, 2 * t))
-    m, den = ml[..., 0], ml[..., 1]  # base-2 reference and sum of 2**(s - m) per split
-    m_all = jax.lax.optimization_barrier(m.max(axis=2))
-    w = jnp.exp2(m - m_all[..., None])
-    tot = (w * den).sum(axis=2)
-    out = (o * w[..., None]).sum(axis=2)
-    nonempty = tot > 0
-    out = out / jnp.where(nonempty, tot, 1.0)[..., None]
-    lse = jnp.where(nonempty, (m_all + jnp.log2(jnp.where(nonempty, tot, 1.0))) * math.log(2.0), -jnp.inf)
-    return out, lse
+    return merge_splits(o[..., None, :], ml, d)  # one phase of all d channels
