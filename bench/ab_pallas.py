@@ -17,7 +17,6 @@ Prints a table; writes ``bench/results/decode_int8-ab-<tag>-<bits>bit-b<batch>-t
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -30,17 +29,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ncu_pallas  # noqa: E402
-
-KERNELS = {"int8": "decode_int8", "lanes": "decode_lanes"}  # the ``kernel=`` setting: a module of pallas/
-
-
-def parse(setting: str) -> dict:
-    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}``."""
-    cfg = {}
-    for item in filter(None, setting.split(",")):
-        name, value = item.split("=")
-        cfg[name] = int(value) if value.lstrip("-").isdigit() else value
-    return cfg
 
 
 def main() -> None:
@@ -58,8 +46,7 @@ def main() -> None:
     card = jax.devices()[0].device_kind
     rows, fns, first = [], [], None
     for setting in args.settings:
-        cfg = parse(setting)
-        mod = importlib.import_module(f"lmcache.backends.jax.pallas.{KERNELS[cfg.pop('kernel', 'int8')]}")
+        mod, cfg = ncu_pallas.parse(setting)
         fn = jax.jit(lambda *a, cfg=cfg, mod=mod: mod.decode_attention(*a, k_bits=args.bits, v_bits=args.bits, **cfg))
         try:
             out, lse = jax.block_until_ready(fn(*inputs))

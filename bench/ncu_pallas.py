@@ -42,14 +42,20 @@ def inputs(bits: int, b: int = B, t: int = T) -> tuple:
     return jax.block_until_ready((q, codes(keys[0]), ks, -8 * ks, codes(keys[1]), vs, -8 * vs))
 
 
+def parse(setting: str) -> tuple:
+    """``"kernel=lanes,a=1,b=x"`` -> (the kernel module, ``{"a": 1, "b": "x"}``); the module is
+    ``decode_int8`` unless ``kernel=lanes`` names ``decode_lanes``."""
+    cfg = {}
+    for item in filter(None, setting.split(",")):
+        name, value = item.split("=")
+        cfg[name] = int(value) if value.lstrip("-").isdigit() else value
+    return {"int8": ki8, "lanes": dl}[cfg.pop("kernel", "int8")], cfg
+
+
 def main() -> None:
     bits = int(sys.argv[1])
-    cfg = {}
-    for item in (sys.argv[2].split(",") if len(sys.argv) > 2 else []):
-        name, value = item.split("=")
-        cfg[name] = int(value) if value.isdigit() else value
+    mod, cfg = parse(sys.argv[2] if len(sys.argv) > 2 else "")
     args = inputs(bits)
-    mod = dl if cfg.pop("kernel", "int8") == "lanes" else ki8
     f = jax.jit(lambda *a: mod.decode_attention(*a, k_bits=bits, v_bits=bits, **cfg))
     for _ in range(3):
         out = jax.block_until_ready(f(*args))
