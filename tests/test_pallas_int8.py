@@ -189,10 +189,14 @@ def test_compiled_int8_kernel_on_gpu_matches_the_reference(rng, k_bits, v_bits):
         np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_kernel_prefers_the_int8_kernel():
-    """The backend and the functional API take this kernel where it applies, the float kernel for
-    2-bit codes, and neither where no kernel tiles the sizes."""
-    assert pl_i8.fused_kernel(128, 4, 4, 64, 64, 4096) is pl_i8
+def test_fused_kernel_picks_the_fastest_that_applies():
+    """The backend and the functional API take the lanes kernel for 4-bit K/V of head_dim 128, this
+    kernel where it applies otherwise, the float kernel for 2-bit codes, and none where no kernel
+    tiles the sizes."""
+    pl_lanes = require("lmcache.backends.jax.pallas.decode_lanes")
+    assert pl_i8.fused_kernel(128, 4, 4, 64, 64, 4096) is pl_lanes
+    assert pl_i8.fused_kernel(128, 4, 4, 64, 32, 4096) is pl_i8  # value groups of 32: not the lanes kernel's
+    assert pl_i8.fused_kernel(64, 4, 4, 64, 64, 4096) is pl_i8
     assert pl_i8.fused_kernel(128, 8, 4, 32, 64, 96) is pl_i8
     assert pl_i8.fused_kernel(128, 2, 4, 64, 64, 4096) is pl_da
     assert pl_i8.fused_kernel(128, 2, 2, 64, 64, 4096) is pl_da

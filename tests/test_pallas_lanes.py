@@ -1,8 +1,13 @@
-"""The lane-explicit Pallas decode kernel (``pallas/decode_lanes.py``, work in progress) against the
-jnp reference: interpreted on the CPU (inline PTX through its numpy emulations), and lowered to
-Triton IR for CUDA at the benchmark's shape."""
+"""The lane-explicit Pallas decode kernel (``pallas/decode_lanes.py``) against the jnp reference:
+interpreted on the CPU (inline PTX through its numpy emulations), lowered to Triton IR for CUDA at
+the benchmark's shape, compiled on a GPU; and the check that its asm operands keep their rows on
+the lanes (``pallas/layout_check.py``), on sample TTGIR and on XLA's own."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ jax = require("jax")
 jnp = jax.numpy
 pl_da = require("lmcache.backends.jax.pallas.decode_attention")
 pl_lanes = require("lmcache.backends.jax.pallas.decode_lanes")
+layout_check = require("lmcache.backends.jax.pallas.layout_check")
 from test_pallas_int8 import _quantized  # noqa: E402
 
 _ON_DEFAULT_DEVICE = {"test_lanes_kernel_lowers_to_triton_for_cuda"}
@@ -75,3 +81,62 @@ def test_compiled_lanes_kernel_on_gpu_matches_the_reference(rng):
         ref_out, ref_lse = pl_da.decode_attention_reference(q, *args, k_bits=4, v_bits=4, length=length)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- layout check
+def _blocked(name, tpw):
+    return (f"{name} = #ttg.blocked<{{sizePerThread = [1, 1], threadsPerWarp = {tpw}, warpsPerCTA = [1, 1], "
+            f"order = [1, 0]}}>")
+
+
+def _linear(name, lane0):
+    return (f"{name} = #ttg.linear<{{register = [[0, 1]], lane = [{lane0}, [2, 0], [4, 0], [8, 0], [16, 0]], "
+            f"warp = [], block = []}}>")
+
+
+def _asm(ty):
+    return (f'  %1 = "tt.elementwise_inline_asm"(%0) <{{asm_string = "shfl", constraints = "=r,r", '
+            f"packed_element = 1 : i32, pure = false}}> : ({ty}) -> {ty}")
+
+
+_LAYOUTS = [_blocked("#blocked", "[16, 2]"), _blocked("#blocked1", "[32, 1]"), _linear("#linear", "[1, 0]"),
+            _linear("#linear1", "[0, 1]")]
+_GOOD = [_asm("tensor<32x4xi32, #blocked1>"), _asm("tensor<32x2xi32, #linear>"),
+         _asm("tensor<32xi32, #ttg.slice<{dim = 1, parent = #blocked1}>>")]
+
+
+@pytest.mark.parametrize("bad", [None, "tensor<32x2xi32, #blocked>", "tensor<32x2xi32, #linear1>",
+                                 "tensor<32xi32, #ttg.slice<{dim = 0, parent = #blocked1}>>"])
+def test_layout_check_finds_asm_operands_whose_lanes_leave_dimension_0(bad):
+    """Lanes on dimension 0 (blocked, linear, a slice of another dimension) pass; 16 x 2 lanes, a
+    linear lane basis on dimension 1, and a slice of the lanes' own dimension are reported; in a
+    TTGIR file and in a pass log (the module before the LLVM lowering)."""
+    ttgir = "\n".join(_LAYOUTS + _GOOD + ([_asm(bad)] if bad else [])) + "\n"
+    dump = "// -----// IR Dump Before {} //----- //\n"
+    log = dump.format("X") + "old\n" + dump.format("ConvertTritonGPUToLLVM (x)") + ttgir + dump.format("Y")
+    for text in (ttgir, log):
+        found = layout_check.final_ttgir(text)
+        assert found.count("tt.elementwise_inline_asm") == 3 + bool(bad)
+        assert len(layout_check.bad_asm_operands(found)) == bool(bad)
+
+
+@pytest.mark.cuda
+def test_compiled_lanes_kernel_keeps_every_asm_operand_on_the_lanes(tmp_path):
+    """XLA's Triton (whose layout passes differ from pip Triton's, and once cloned an mma into a
+    16 x 2-lane layout) lays out every inline-asm operand with its rows on the lanes: its TTGIR,
+    dumped by a child process, read by ``layout_check``."""
+    need_jax_gpu()
+    code = ("import jax, jax.numpy as jnp\n"
+            "from lmcache.backends.jax.pallas import decode_lanes as dl\n"
+            "b, h, t, d = 1, 2, 1024, 128\n"
+            "u8 = lambda *s: jnp.zeros(s, jnp.uint8); f16 = lambda *s: jnp.full(s, 0.01, jnp.float16)\n"
+            "args = (f16(b, h, d), u8(b, h, t, 64), f16(b, h, t // 64, d), f16(b, h, t // 64, d), u8(b, h, t, 64),"
+            " f16(b, h, t, 2), f16(b, h, t, 2))\n"
+            "jax.block_until_ready(dl.decode_attention(*args, k_bits=4, v_bits=4))\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_emitter_re=triton-to-llvm")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    logs = list(tmp_path.glob("*lmcache_decode_lanes*triton-to-llvm*"))
+    assert logs, sorted(p.name for p in tmp_path.iterdir())[:20]
+    ttgir = layout_check.final_ttgir(logs[0].read_text(errors="replace"))
+    assert ttgir.count("tt.elementwise_inline_asm") >= 10
+    assert layout_check.bad_asm_operands(ttgir) == []

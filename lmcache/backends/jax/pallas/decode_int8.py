@@ -425,12 +425,19 @@ def kernel_supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_gr
 
 
 def fused_kernel(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group: int, tokens: int):
-    """The compiled decode kernel module for these sizes (``tokens``: the codes' token axis): this
-    one where it applies, else ``decode_attention``'s float kernel where that applies, else ``None``.
+    """The compiled decode kernel module for these sizes (``tokens``: the codes' token axis):
+    ``decode_lanes`` where it applies (4-bit K and V, head_dim 128), else this one where it
+    applies, else ``decode_attention``'s float kernel where that applies, else ``None``.
 
-    This one first: on an H200 at batch 16 / 32K tokens it took 1.25 ms for 4-bit K/V against the
-    float kernel's 1.88 (8-bit 1.83 against 2.61), and it was faster at every benchmarked shape.
+    In that order because on an H200 at batch 16 / 32K tokens, 4-bit K/V, ``decode_lanes`` took
+    0.92 ms against this one's 1.21 (same process), and this one 1.25 against the float kernel's
+    1.88 (8-bit 1.83 against 2.61); each was faster at every benchmarked shape it takes.
     """
+    from . import decode_lanes  # it imports this module
+
+    if (decode_lanes.supported(head_dim, k_bits, v_bits, k_group, v_group)
+            and tokens % max(k_group, decode_lanes.TILE) == 0):
+        return decode_lanes
     if kernel_supported(head_dim, k_bits, v_bits, k_group, v_group, tile=default_tile(k_group, tokens)):
         return sys.modules[__name__]
     if float_kernel.kernel_supported(head_dim, k_bits, v_bits, k_group, v_group):

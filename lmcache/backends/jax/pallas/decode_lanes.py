@@ -100,25 +100,28 @@ def _i2f(c):
 
 
 def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_ref, ml_ref, *, gk, split_len,
-            qscale, interpret):
+            qscale, v_dtype, value_ahead, interpret):
     lane = jax.lax.broadcasted_iota(_I32, (32, 1), 0)
     g, t = lane // 4, lane % 4
     u4 = jax.lax.broadcasted_iota(_I32, (1, 4), 1)
     n_valid = jnp.clip(len_ref[()] - pl.program_id(2) * split_len, 0, split_len)
     t_hi = (n_valid + TILE - 1) // TILE
-    tok_at = 4 * g + u4
-    cols = jnp.where(g < 6, 1.0, 0.0)
-    sel = (g % 3) * 17 + 64
-    gs = jnp.minimum(g // 3, 1)
     gl = g // 4
+    # [32] per-lane vectors for the asm operands and what feeds them: Triton lays [32, n] arrays
+    # out over lanes of both dimensions by default, and converting between layouts costs shuffles
+    # or shared memory in the loop
+    l1 = jax.lax.broadcasted_iota(_I32, (32,), 0)
+    g1, t1 = l1 // 4, l1 % 4
+    cols = jnp.where(g1 < 6, 1.0, 0.0)
+    sel = (g1 % 3) * 17 + 64
 
     def column_weight(col):
         limb = col % 3
         return jnp.where((col < 6) & (col // 3 == gl),
                          jnp.where(limb == 0, 1.0, jnp.where(limb == 1, 256.0, 65536.0)), 0.0)
 
-    wk0 = jnp.where(t == 0, 1.0, jnp.where(t == 1, 65536.0, 0.0))
-    wk1 = jnp.where(t == 0, 256.0, 0.0)
+    wk0 = jnp.where(t1 == 0, 1.0, jnp.where(t1 == 1, 65536.0, 0.0))
+    wk1 = jnp.where(t1 == 0, 256.0, 0.0)
     wv0, wv1 = column_weight(2 * t), column_weight(2 * t + 1)
     mt = jax.lax.broadcasted_iota(_I32, (1, 8), 1)
     # the output dimensions of lane (g, t = 0)'s fold results, [8, 8]: half 0; half 1 at + 1
@@ -157,24 +160,29 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
         return _join4(*b[:4]), _join4(*b[4:]), down, bias
 
     def key_d(kw, kb01, kb23):
-        b00, b01, b10, b11 = _split4(kb01)
-        b20, b21, b30, b31 = _split4(kb23)
+        """The key product of tokens (4g + 2j, 4g + 2j + 1) for j = 0, 1: two D fragments.
+
+        Every operand is a [32] array of its own: Triton lays a [32, 2] array out over 16 x 2
+        lanes by default, which an asm reading other lanes must not see."""
+        bs = [*_split4(kb01), *_split4(kb23)]
         w = [_split4(k) for k in kw]  # w[token e][word s]
-        a = []
-        for s in range(4):
-            r0, r1 = _join2(w[0][s], w[2][s]), _join2(w[1][s], w[3][s])
-            a += [r0 & _LO4, r1 & _LO4, r0 & _HI4, r1 & _HI4]
-        bs = [x[:, None] for x in (b00, b01, b10, b11, b20, b21, b30, b31)]
-        return ptx.mma_keys(a, bs, interpret=interpret)
+        ds = []
+        for j in range(2):
+            a = []
+            for s in range(4):
+                r0, r1 = w[2 * j][s], w[2 * j + 1][s]
+                a += [r0 & _LO4, r1 & _LO4, r0 & _HI4, r1 & _HI4]
+            ds.append(ptx.mma_keys(a, bs, interpret=interpret))
+        return ds
 
     def scores(n0, ko, kw):
         kb01, kb23, e, bias = ko
-        d0, d1, d2, d3 = key_d(kw, kb01, kb23)
-        x0 = _i2f(d0) * wk0 + _i2f(d1) * wk1
-        x1 = _i2f(d2) * wk0 + _i2f(d3) * wk1
-        x = _join2(ptx.bfly(x0, 1, interpret=interpret), ptx.bfly(x1, 1, interpret=interpret))
-        s = x.reshape(32, 4) * e + bias
-        return jnp.where((t == 0) & (n0 + tok_at < n_valid), s, -jnp.inf)
+        b = functools.partial(ptx.bfly, mask=1, interpret=interpret)
+        x = []
+        for d0, d1, d2, d3 in key_d(kw, kb01, kb23):
+            x += [b(_i2f(d0) * wk0 + _i2f(d1) * wk1), b(_i2f(d2) * wk0 + _i2f(d3) * wk1)]
+        # token 4g + c of lane (g, t = 0); the other lanes hold none
+        return [jnp.where((t1 == 0) & (n0 + 4 * g1 + c < n_valid), xc * e + bias, -jnp.inf) for c, xc in enumerate(x)]
 
     def value_loads(tile):
         ok = tile * TILE < n_valid
@@ -183,18 +191,22 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
         okw = jnp.broadcast_to(ok, (32, 2))
         words = [_load(vc_ref, (jnp.broadcast_to(at + 4 * t + i + 16 * q, (32, 2)), cw), mask=okw, other=0)
                  for q in range(2) for i in range(4)]
-        j8 = jax.lax.broadcasted_iota(_I32, (1, 8), 1)
-        ok8 = jnp.broadcast_to(ok, (32, 8))
+        ok4 = jnp.broadcast_to(ok, (32, 4))
+        # scales and offsets as int32 words of one token's (group 0, group 1) 16-bit pair; lane
+        # (g, t) takes tokens at + 4t + 16Q + i (16 contiguous bytes per Q)
+        pairs = [[_load(ref, (jnp.broadcast_to(at + 4 * t + 16 * q + u4, (32, 4)),), mask=ok4, other=0)
+                  for q in range(2)] for ref in (vs_ref, vl_ref)]
+        return tuple(words), pairs
 
-        def pick(ref, grp):
-            # the four tokens' (group 0, group 1) pairs, 16 contiguous bytes of the flat [split * 2] ref
-            x = [_load(ref, (jnp.broadcast_to(2 * (at + 4 * t + 16 * q) + j8, (32, 8)),), mask=ok8,
-                       other=0).astype(_F32) for q in range(2)]
-            halves = [_split2(xq.reshape(32, 4, 2)) for xq in x]
-            return _join2(*(jnp.where(grp == 0, a, b) for a, b in halves))  # [32, 4 (i), 2 (Q)]
+    def pick(pairs, grp):
+        """Group ``grp`` ([32]) of each pair, as float32: [Q][i] of [32]."""
+        return [[jax.lax.bitcast_convert_type((((x >> (16 * grp)) & 0xFFFF)).astype(jnp.uint16), v_dtype).astype(_F32)
+                 for x in _split4(w)] for w in pairs]
 
-        # the scales of the lane's B column's group, the offsets of its output dimensions' group
-        return words, pick(vs_ref, gs), pick(vl_ref, gl)
+    def value_side(loads):
+        """(value words, scales of the lane's B column's group, offsets of its output dimensions' group)."""
+        words, (vs, vl) = loads
+        return words, pick(vs, jnp.minimum(g1 // 3, 1)), pick(vl, g1 // 4)
 
     def value_regs(w):
         r = ptx.transpose4(*w, interpret=interpret)
@@ -202,17 +214,16 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
         return v & _LO4, v & _HI4
 
     def value_operands(s, m_ref, sv, lv, f_lane):
-        p = jnp.exp2(jnp.minimum(s - m_ref, _TAU))
-        pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3 = ptx.spread_p(_split4(_bits(p)), interpret=interpret)
-        p8 = _join2(_join2(_join2(pa0, pb0), _join2(pa1, pb1)), _join2(_join2(pa2, pb2), _join2(pa3, pb3)))
-        p8 = _float(jnp.transpose(p8, (0, 3, 2, 1)).reshape(32, 4, 2))  # [32, i, Q]
-        lo_sum = jnp.sum(p8 * lv, axis=(1, 2))[:, None]
-        xb = _bits(p8 * (f_lane[:, :, None] * sv) + 8388608.0)
-        x02, x13 = _split2(jnp.transpose(xb, (0, 2, 1)).reshape(32, 2, 2, 2))
-        xb0, xb2 = _split2(x02)
-        xb1, xb3 = _split2(x13)
-        bv0, bv1 = _split2(ptx.gather_byte(xb0, xb1, xb2, xb3, sel, interpret=interpret))
-        return bv0, bv1, jnp.sum(p, axis=1)[:, None], lo_sum
+        p = [jnp.exp2(jnp.minimum(x - m_ref, _TAU)) for x in s]
+        # lane (g, t) gets p of tokens 4t + i (Q = 0) and 16 + 4t + i (Q = 1), i = 0..3
+        spread = ptx.spread_p([_bits(x) for x in p], interpret=interpret)
+        lo_sum, bv = 0.0, []
+        for q in range(2):
+            pq = [_float(spread[4 * q + i]) for i in range(4)]
+            lo_sum = lo_sum + sum(pq[i] * lv[q][i] for i in range(4))
+            xb = [_bits(pq[i] * (f_lane * sv[q][i]) + 8388608.0) for i in range(4)]
+            bv.append(ptx.gather_byte(*xb, sel, interpret=interpret))
+        return bv[0], bv[1], p[0] + p[1] + p[2] + p[3], lo_sum
 
     def fold(c, f):
         h0 = jnp.where(f > 0, 1.0 / f, 0.0)
@@ -230,15 +241,19 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
             _store(o_ref, (idx,), (_load(o_ref, (idx,), mask=keep, other=0.0) + _lanes_t0(fh)) * alpha, mask=write)
 
     def body(tile, state):
-        m_ref, l_p, c, acc_lo, since, live, f, ko, kw, sc = state
-        words, sv, lv = value_loads(tile)
+        m_ref, l_p, c, acc_lo, since, live, f, ko, kw, sc, vl_ahead = state
+        if value_ahead:  # this tile's were loaded an iteration ago; the next tile's now
+            words, sv, lv = value_side(vl_ahead)
+            vl_ahead = value_loads(tile + 1)
+        else:
+            words, sv, lv = value_side(value_loads(tile))
         nkw = key_words(tile + 1)
         nko = key_operands(sc)
         nsc = scale_loads(tile + 2)
         s = scores(tile * TILE, ko, kw)
-        s_hi = jnp.max(s)
+        s_hi = jnp.max(jnp.maximum(jnp.maximum(s[0], s[1]), jnp.maximum(s[2], s[3])))
         ops = value_operands(s, m_ref, sv, lv, cols * f)
-        sv_hi = jnp.max(sv)
+        sv_hi = jnp.max(functools.reduce(jnp.maximum, sv[0] + sv[1]))
         grow = s_hi > m_ref + _TAU
         wide = (sv_hi * f > _X_RANGE / _P_MAX) | ((f == 0.0) & (sv_hi > 0.0))
 
@@ -262,12 +277,12 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
         a0, a1 = value_regs(words[:4])
         a2, a3 = value_regs(words[4:])
         c = tuple(ptx.mma_values([a0, a1, a2, a3], [ops[0][:, None], ops[1][:, None]], list(c), interpret=interpret))
-        return m_ref, l_p, c, acc_lo, since + 1, live, f, nko, nkw, nsc
+        return m_ref, l_p, c, acc_lo, since + 1, live, f, nko, nkw, nsc, vl_ahead
 
     zero = jnp.zeros((32, 8), _I32)
-    init = (jnp.full((), -1.0e30, _F32), jnp.zeros((32, 1), _F32), (zero,) * 4, jnp.zeros((32, 1), _F32),
+    init = (jnp.full((), -1.0e30, _F32), jnp.zeros((32,), _F32), (zero,) * 4, jnp.zeros((32,), _F32),
             jnp.zeros((), _I32), jnp.zeros((), _I32), jnp.zeros((), _F32), key_operands(scale_loads(0)),
-            key_words(0), scale_loads(1))
+            key_words(0), scale_loads(1), value_loads(0) if value_ahead else ())
     m_ref, l_p, c, acc_lo, since, live, f, *_ = jax.lax.fori_loop(0, t_hi, body, init)
     f0, f1 = fold(c, f)
     b = functools.partial(ptx.bfly, interpret=interpret)
@@ -275,7 +290,7 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kl_ref, vc_ref, vs_ref, vl_ref, o_re
     keep = jnp.broadcast_to(live != 0, (8, 8))
     for half, fh in ((0, f0), (1, f1)):
         idx = o_t0 + half
-        _store(o_ref, (idx,), _load(o_ref, (idx,), mask=keep, other=0.0) + _lanes_t0(fh + lo), mask=None)
+        _store(o_ref, (idx,), _load(o_ref, (idx,), mask=keep, other=0.0) + _lanes_t0(fh + lo[:, None]), mask=None)
     two = jax.lax.broadcasted_iota(_I32, (2,), 0)
     # the reference in natural units (the kernel's is base 2, its sums of 2**(s - m) = e**((s - m) ln 2))
     ml_ref[...] = jnp.where(two == 0, m_ref * math.log(2.0), jnp.sum(l_p))
@@ -288,10 +303,12 @@ def supported(head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group: in
 
 
 def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bits: int, v_bits: int,
-                     scale: float | None = None, length=None, splits: int | None = None, interpret: bool = False):
+                     scale: float | None = None, length=None, splits: int | None = None, value_ahead: bool = True,
+                     interpret: bool = False):
     """Attention of one query token per head over 4-bit K/V (arguments and results as
     ``decode_int8.decode_attention``): ``(out float32 [B, Hq, 128], lse float32 [B, Hq])``.
-    ``splits``: token slices per head (whole key groups each; default ``decode_int8.default_splits``)."""
+    ``splits``: token slices per head (whole key groups each; default ``decode_int8.default_splits``).
+    ``value_ahead``: load a tile's value codes, scales and offsets an iteration before their use."""
     d, t = q.shape[2], k_codes.shape[2]
     gk = t // k_scale.shape[2]
     gv = d // v_scale.shape[3]
@@ -305,19 +322,21 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     length = jnp.asarray(t if length is None else length, _I32)
     return _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, scale=float(scale), splits=splits,
-                   interpret=interpret)
+                   value_ahead=bool(value_ahead), interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret"))
-def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, scale, splits, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "value_ahead", "interpret"))
+def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, scale, splits, value_ahead, interpret):
     b, hq, d = q.shape
     hkv, t = k_codes.shape[1], k_codes.shape[2]
     rep = hq // hkv
     gk = t // k_scale.shape[2]
     split = t // splits
     words = lambda c: jax.lax.bitcast_convert_type(c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4), _I32)
+    pairs = lambda x: jax.lax.bitcast_convert_type(x, _I32)  # [b, hkv, t, 2] 16-bit -> [b, hkv, t]
     kv = lambda i, h, s: (i, h // rep, s, 0)
-    kernel = functools.partial(_kernel, gk=gk, split_len=split, qscale=scale * math.log2(math.e), interpret=interpret)
+    kernel = functools.partial(_kernel, gk=gk, split_len=split, qscale=scale * math.log2(math.e),
+                               v_dtype=v_scale.dtype, value_ahead=value_ahead, interpret=interpret)
     o, ml = pl.pallas_call(
         kernel,
         grid=(b, hq, splits),
@@ -326,12 +345,11 @@ def _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, *, scale,
                   pl.BlockSpec((None, None, split, 16), kv),
                   pl.BlockSpec((None, None, split // gk, d), kv), pl.BlockSpec((None, None, split // gk, d), kv),
                   pl.BlockSpec((None, None, split, 16), kv),
-                  pl.BlockSpec((None, None, 2 * split), lambda i, h, s: (i, h // rep, s)),
-                  pl.BlockSpec((None, None, 2 * split), lambda i, h, s: (i, h // rep, s))],
+                  pl.BlockSpec((None, None, split), lambda i, h, s: (i, h // rep, s)),
+                  pl.BlockSpec((None, None, split), lambda i, h, s: (i, h // rep, s))],
         out_specs=[pl.BlockSpec((None, None, None, d), lambda i, h, s: (i, h, s, 0)),
                    pl.BlockSpec((None, None, None, 2), lambda i, h, s: (i, h, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, hq, splits, d), _F32), jax.ShapeDtypeStruct((b, hq, splits, 2), _F32)],
         interpret=interpret, compiler_params=compiler_params(interpret, 1, 1), name="lmcache_decode_lanes",
-    )(length, q, words(k_codes), k_scale, k_lo, words(v_codes), v_scale.reshape(b, hkv, 2 * t),
-      v_lo.reshape(b, hkv, 2 * t))
+    )(length, q, words(k_codes), k_scale, k_lo, words(v_codes), pairs(v_scale), pairs(v_lo))
     return merge_splits(o[..., None, :], ml, d)  # one phase of all d channels

@@ -51,11 +51,21 @@ def _fix_multi_result_lowering() -> None:
     def rule(ctx, *args, asm, constraints, pack, result_shape_dtypes):
         del result_shape_dtypes
         op = tt_dialect.ElementwiseInlineAsmOp([ir_type(ctx, a) for a in ctx.avals_out], asm, constraints=constraints,
-                                               pure=True, packed_element=pack, args=args)
+                                               pure=not _reads_lanes(asm), packed_element=pack, args=args)
         return list(op.results)
 
     lowering.triton_lowering_rules[triton_primitives.elementwise_inline_asm_p] = rule
     _LOWERING_FIXED = True
+
+
+def _reads_lanes(asm: str) -> bool:
+    """Whether ``asm`` depends on which lane runs it (shuffles, warp-wide mma, ``%laneid``).
+
+    Such an asm is lowered as not pure: Triton may clone a pure elementwise op into another
+    layout to save a conversion (XLA's Triton did, into a ``[32, 2]`` layout with 16 lanes on
+    dimension 0), which is harmless for per-lane arithmetic and wrong for these.
+    """
+    return any(s in asm for s in ("shfl.", "mma.", "%laneid"))
 
 
 def _run(asm, emu, constraints: str, args, n_out: int, interpret: bool):
