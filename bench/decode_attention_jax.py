@@ -11,10 +11,12 @@ Times are medians of wall-clock loops of asynchronously dispatched calls ending 
 ``block_until_ready``, after warm-up; small problems rotate over copies of their inputs
 so that repeated calls do not run from the 60 MB L2 cache.
 
-Two Pallas kernels are timed on the same cache: ``decode_attention`` (codes to float32, FMAs)
-and ``decode_int8`` (codes on the integer matrix units), each with its own launch sweep on the
-first shape and a few slice counts on every shape; the batch-16 / 32K shape is also run with
-8-bit K and V (both kernels, their best 4-bit settings).
+The Pallas kernels are timed on the same cache: ``decode_attention`` (codes to float32, FMAs),
+and the integer ones (codes on the matrix units): ``decode_lanes`` (4-bit, lane-explicit; setting
+``kernel=lanes``) and ``decode_int8`` (int8 dots). Each family has its own launch sweep on the
+first shape and a few slice counts on every shape; the integer family's best is the ``i8_*``
+entries (``i8_config`` names the kernel). The batch-16 / 32K shape is also run with 8-bit K and
+V (``decode_attention`` and ``decode_int8``, their best 4-bit settings).
 
     python bench/decode_attention_jax.py          # on a GPU
     python bench/decode_attention_jax.py --smoke  # tiny shapes on CPU, kernels interpreted
@@ -256,8 +258,8 @@ def bench_shape(batch, ctx, scale, key, best_cfg, deadline, best_i8=None, deadli
                q4_TBps=nb_ours / (best["ms"] * 1e-3) / 1e12, speedup=base_ms / best["ms"], trials=trials)
     row["q4_rel_err_vs_dequant_fp32"] = check(q, cache, scale) if batch * ctx <= 32768 else None
 
-    # The int8 matrix-unit kernel on the same cache: its own settings, then slice counts.
-    print("  int8 kernel:", flush=True)
+    # The integer kernels (decode_lanes first, then decode_int8) on the same cache: their settings, then slices.
+    print("  integer kernels (decode_lanes, decode_int8):", flush=True)
     i8_trials = []
     run_i8 = lambda cfg: timed(compressed_step(scale, cfg, ki8), ours_in)
     sweep(run_i8, i8_sweep_configs() if best_i8 is None else [best_i8], i8_trials, deadline_i8 or deadline)
@@ -355,7 +357,7 @@ def main() -> None:
         result["rows"].append(row)
         save()
         i8 = (f", int8 {row['i8_ms']:.3f} ms ({row['i8_TBps']:.2f} TB/s): {row['i8_speedup']:.2f}x"
-              if "i8_ms" in row else ", int8 kernel: no setting ran")
+              if "i8_ms" in row else ", integer kernels: no setting ran")
         print(f"  dot_product_attention fp16 {row['baseline_ms']:.3f} ms ({row['baseline_TBps']:.2f} TB/s), "
               f"pallas 4-bit {row['q4_ms']:.3f} ms ({row['q4_TBps']:.2f} TB/s): {row['speedup']:.2f}x{i8}", flush=True)
         if i == 0:

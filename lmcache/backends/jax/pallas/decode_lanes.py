@@ -1,12 +1,17 @@
-"""Work in progress: decode attention over 4-bit K/V with the lanes made explicit (decode_imma's design).
+"""Decode attention over 4-bit K/V with the lanes made explicit (decode_imma's design).
 
 A port of ``lmcache.backends.torch.triton.decode_imma`` (its register-loaded path: one warp per
-program, 32-token tiles, one per loop step, the next tile's key words and key operands made an
-iteration ahead) to Pallas: every array is ``[32, ...]`` with row ``l`` held by lane ``l``, the
-words are read by indexing the block refs with per-lane int32 arrays (one 16-byte load per lane),
-and the matrix products, byte transposes and shuffles are inline PTX (``ptx``). The codes enter
-as int32 words (a uint32 view made outside the kernel). Not measured on a GPU yet; see
-``bench/NOTES-decode-kernels.md``.
+program, 32-token tiles, one per loop step) to Pallas: every array is ``[32, ...]`` or ``[32]``
+with row ``l`` held by lane ``l``, the words are read by indexing the block refs with per-lane
+int32 arrays (one 16-byte load per lane), and the matrix products, byte transposes and shuffles
+are inline PTX (``ptx``). The codes enter as int32 words and the value scales and offsets as
+int32 pairs (views made outside the kernel, free in XLA). The next tile's key words and key
+operands, and its value codes, scales and offsets, are made an iteration ahead.
+
+Triton still chooses the layouts: asm that reads other lanes is lowered as not pure (so it is not
+cloned into another layout), the arrays around it are [32] where they can be (Triton's default
+layouts for [32, n] put lanes on both dimensions), and ``layout_check`` verifies XLA's TTGIR on a
+GPU. On an H200 at batch 16 / 32K: 0.92 ms (``decode_int8`` 1.21, cuDNN over float16 2.5-2.6).
 
 Only 4-bit keys and values, head_dim 128, value groups of 64, key groups of a power of two of at
 least 32 tokens, one query token per head.
