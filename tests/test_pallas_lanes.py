@@ -30,10 +30,12 @@ def _interpret_on_cpu(request):
 
 
 # 4-bit K/V, head_dim 128; lengths that end inside a tile and inside a split; 2 query heads per
-# KV head; key groups of 32, 64 and 128; float16 and bfloat16 scales; the default slices.
+# KV head; key groups of 32, 64 and 128; float16 and bfloat16 scales (float32 ones: decode_int8's
+# kernel); the default slices.
 @pytest.mark.parametrize("hkv,gk,length,splits,dtype", [(1, 64, 256, 1, "float16"), (2, 64, 200, 2, "float16"),
                                                         (1, 32, 37, 1, "float16"), (1, 64, 0, 2, "float16"),
-                                                        (2, 128, 130, 2, "bfloat16"), (1, 64, 100, None, "float16")])
+                                                        (2, 128, 130, 2, "bfloat16"), (1, 64, 100, None, "float16"),
+                                                        (1, 64, 100, None, "float32")])
 def test_lanes_kernel_matches_the_reference(rng, hkv, gk, length, splits, dtype):
     b, rep, t, d = 1, 2, 256, 128
     args = _quantized(rng, b, hkv, t, d, 4, 4, gk, 64, dtype=dtype)

@@ -313,7 +313,9 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
     """Attention of one query token per head over 4-bit K/V (arguments and results as
     ``decode_int8.decode_attention``): ``(out float32 [B, Hq, 128], lse float32 [B, Hq])``.
     ``splits``: token slices per head (whole key groups each; default ``decode_int8.default_splits``).
-    ``value_ahead``: load a tile's value codes, scales and offsets an iteration before their use."""
+    ``value_ahead``: load a tile's value codes, scales and offsets an iteration before their use.
+    Value scales and offsets of another dtype than a 16-bit one (float32) go to
+    ``decode_int8.decode_attention``."""
     d, t = q.shape[2], k_codes.shape[2]
     gk = t // k_scale.shape[2]
     gv = d // v_scale.shape[3]
@@ -324,6 +326,11 @@ def decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, *, k_bit
         splits = decode_int8.default_splits(q.shape[0], q.shape[1], t, gk, TILE, interpret)
     if not isinstance(splits, int) or splits < 1 or t % (splits * max(gk, TILE)):
         raise ValueError(f"splits must divide the {t} tokens into whole key groups, got {splits!r}")
+    if jnp.dtype(v_scale.dtype).itemsize != 2 or v_lo.dtype != v_scale.dtype:
+        # this kernel reads a token's two value scales (offsets) as one 32-bit word
+        return decode_int8.decode_attention(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, k_bits=k_bits,
+                                            v_bits=v_bits, scale=scale, length=length, splits=splits,
+                                            interpret=interpret)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     length = jnp.asarray(t if length is None else length, _I32)
     return _decode(q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, length, scale=float(scale), splits=splits,
