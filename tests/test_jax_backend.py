@@ -163,6 +163,26 @@ def test_cache_matches_the_numpy_cache(jb, rng, dtype, rotate, q_heads):
     assert cj.stats()["kernel_path"] == jb.kernel_path()
 
 
+@pytest.mark.parametrize("dtype,rotate", [("float16", False), ("bfloat16", True), ("float32", False)])
+def test_cache_decode_at_head_dim_128_matches_the_numpy_cache(jb, rng, dtype, rotate):
+    """Single-token decode at head_dim 128, 4 bits, groups of 64: on a GPU the lanes kernel
+    (16-bit scales) or the int8 kernel (float32 scales), here the jnp path; against numpy."""
+    b, h, d, q_heads = 1, 2, 128, 4
+    opts = dict(bits=4, group_size=64, residual=64, rotate=rotate)
+    cj, cn = lmcache.Cache(backend=jb, **opts), lmcache.Cache(backend="numpy", **opts)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != "float32" else dict(rtol=1e-4, atol=1e-5)
+    for n in (300, 1, 1):
+        k = rng.standard_normal((b, h, n, d)).astype(np.float32)
+        v = rng.standard_normal((b, h, n, d)).astype(np.float32)
+        (kj, kn), (vj, vn) = _pair(jb, k, dtype), _pair(jb, v, dtype)
+        cj.update(0, kj, vj)
+        cn.update(0, kn, vn)
+        qj, qn = _pair(jb, rng.standard_normal((b, q_heads, 1, d)).astype(np.float32), dtype)
+        oj, on = cj.attend(0, qj), cn.attend(0, qn)
+        assert jb.dtype_name(oj) == dtype and oj.shape == on.shape
+        np.testing.assert_allclose(jb.to_numpy(oj).astype(np.float32), on.astype(np.float32), **tol)
+
+
 def test_cache_picks_jax_for_jax_arrays(rng):
     c = lmcache.Cache(bits=4, group_size=32, residual=32)
     k = jnp.asarray(rng.standard_normal((1, 2, 40, 32)), jnp.float16)
