@@ -16,38 +16,42 @@ from __future__ import annotations
 
 import numpy as np
 
-MMA_KEYS = ("".join(
+MMA_KEYS = "".join(
     ["mov.b32 $0, 0;\n mov.b32 $1, 0;\n mov.b32 $2, 0;\n mov.b32 $3, 0;\n"]
     + [f"mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0,$1,$2,$3}}, {{${4 + 4 * s},${5 + 4 * s},"
-       f"${6 + 4 * s},${7 + 4 * s}}}, {{${20 + 2 * s},${21 + 2 * s}}}, {{$0,$1,$2,$3}};\n" for s in range(4)]))
+       f"${6 + 4 * s},${7 + 4 * s}}}, {{${20 + 2 * s},${21 + 2 * s}}}, {{$0,$1,$2,$3}};\n" for s in range(4)])
 MMA_VALUES = ("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                           "{$10,$11,$12,$13};")
-BFLY = ("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;")
+              "{$10,$11,$12,$13};")
+BFLY = "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;"
 SPREAD = ("{ .reg .u32 l, s0, s1;\n mov.u32 l, %laneid;\n and.b32 l, l, 3;\n shl.b32 s0, l, 2;\n"
-                       " add.u32 s1, s0, 16;\n"
-                       + "".join(f"shfl.sync.idx.b32 ${j}, ${8 + j}, s0, 0x1f, 0xffffffff;\n" for j in range(4))
-                       + "".join(f"shfl.sync.idx.b32 ${4 + j}, ${8 + j}, s1, 0x1f, 0xffffffff;\n" for j in range(4))
-                       + "}")
+          " add.u32 s1, s0, 16;\n"
+          + "".join(f"shfl.sync.idx.b32 ${j}, ${8 + j}, s0, 0x1f, 0xffffffff;\n" for j in range(4))
+          + "".join(f"shfl.sync.idx.b32 ${4 + j}, ${8 + j}, s1, 0x1f, 0xffffffff;\n" for j in range(4))
+          + "}")
 TRANSPOSE = ("{ .reg .b32 x, y, z, w;\n prmt.b32 x, $4, $5, 0x5140;\n prmt.b32 y, $4, $5, 0x7362;\n"
-                          " prmt.b32 z, $6, $7, 0x5140;\n prmt.b32 w, $6, $7, 0x7362;\n prmt.b32 $0, x, z, 0x5410;\n"
-                          " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
-PRMT = ("prmt.b32 $0, $1, $2, $3;")
+             " prmt.b32 z, $6, $7, 0x5140;\n prmt.b32 w, $6, $7, 0x7362;\n prmt.b32 $0, x, z, 0x5410;\n"
+             " prmt.b32 $1, x, z, 0x7632;\n prmt.b32 $2, y, w, 0x5410;\n prmt.b32 $3, y, w, 0x7632; }")
+PRMT = "prmt.b32 $0, $1, $2, $3;"
 GATHER = ("{ .reg .b32 y, z;\n prmt.b32 y, $1, $2, $5;\n prmt.b32 z, $3, $4, $5;\n"
-                       " prmt.b32 $0, y, z, 0x5410; }")
+          " prmt.b32 $0, y, z, 0x5410; }")
 # Key B words from limb words: round r reads lane 4r + t's three limb words, keeps limb g's (0 for g >= 3)
 KEY_B = ("{ .reg .u32 l, t, g, s;\n .reg .pred p1, p2, p3;\n .reg .b32 a, b, c;\n mov.u32 l, %laneid;\n"
-                      " and.b32 t, l, 3;\n shr.u32 g, l, 2;\n setp.eq.u32 p1, g, 1;\n setp.eq.u32 p2, g, 2;\n"
-                      " setp.gt.u32 p3, g, 2;\n"
-                      + "".join(f" add.u32 s, t, {4 * r};\n shfl.sync.idx.b32 a, $8, s, 0x1f, 0xffffffff;\n"
-                                f" shfl.sync.idx.b32 b, $9, s, 0x1f, 0xffffffff;\n"
-                                f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
-                                f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
-                      + "}")
-C_KEY_B = (",".join(["=r"] * 8 + ["r"] * 3))
-C_KEYS = (",".join(["=r"] * 4 + ["r"] * 24))
-C_VALUES = (",".join(["=r"] * 4 + ["r"] * 10))
-C_SPREAD = (",".join(["=r"] * 8 + ["r"] * 4))
-
+         " and.b32 t, l, 3;\n shr.u32 g, l, 2;\n setp.eq.u32 p1, g, 1;\n setp.eq.u32 p2, g, 2;\n"
+         " setp.gt.u32 p3, g, 2;\n"
+         + "".join(f" add.u32 s, t, {4 * r};\n shfl.sync.idx.b32 a, $8, s, 0x1f, 0xffffffff;\n"
+                   f" shfl.sync.idx.b32 b, $9, s, 0x1f, 0xffffffff;\n"
+                   f" shfl.sync.idx.b32 c, $10, s, 0x1f, 0xffffffff;\n selp.b32 a, b, a, p1;\n"
+                   f" selp.b32 a, c, a, p2;\n selp.b32 ${r}, 0, a, p3;\n" for r in range(8))
+         + "}")
+# their constraint strings (outputs "=r", inputs "r")
+C_KEY_B = ",".join(["=r"] * 8 + ["r"] * 3)
+C_KEYS = ",".join(["=r"] * 4 + ["r"] * 24)
+C_VALUES = ",".join(["=r"] * 4 + ["r"] * 10)
+C_SPREAD = ",".join(["=r"] * 8 + ["r"] * 4)
+C_BFLY = "=r,r,r"
+C_TRANSPOSE = "=r,=r,=r,=r,r,r,r,r"
+C_PRMT = "=r,r,r,r"
+C_GATHER = "=r,r,r,r,r,r"
 
 def _bytes(regs: np.ndarray) -> np.ndarray:
     """int32 [..., r] -> uint8 [..., r, 4], byte 0 the least significant."""

@@ -68,12 +68,15 @@ def _reads_lanes(asm: str) -> bool:
     return any(s in asm for s in ("shfl.", "mma.", "%laneid"))
 
 
-def _run(asm, emu, constraints: str, args, n_out: int, interpret: bool):
-    """``n_out`` int32 arrays of the broadcast shape of ``args`` from one asm per element."""
+def _run(asm, constraints: str, args, n_out: int, interpret: bool):
+    """``n_out`` int32 arrays of the broadcast shape of ``args`` from one asm per element
+    (interpreted: its numpy emulation, ``imma_ptx.EMULATIONS[asm]``)."""
     shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
     args = [jnp.broadcast_to(_as_i32(a), shape) for a in args]
     out_shapes = [jax.ShapeDtypeStruct(shape, _I32) for _ in range(n_out)]
     if interpret:
+        emu = _p.EMULATIONS[asm]
+
         def host(*xs):
             outs = emu(*(np.asarray(x, np.int32) for x in xs))
             return tuple(np.asarray(o, np.int32).reshape(shape) for o in outs)
@@ -89,41 +92,36 @@ def _run(asm, emu, constraints: str, args, n_out: int, interpret: bool):
 def mma_keys(a, b, interpret: bool):
     """Four chained ``m16n8k32`` (u8 codes x s8): ``a`` 16 A registers (k-step major), ``b`` 8 B
     registers; int32 arrays of one shape. Returns the D fragment (4 arrays)."""
-    return _run(_p.MMA_KEYS, _p.emu_mma_keys, _p.C_KEYS, [*a, *b], 4,
-                interpret)
+    return _run(_p.MMA_KEYS, _p.C_KEYS, [*a, *b], 4, interpret)
 
 
 def mma_values(a, b, c, interpret: bool):
     """``C + A @ B`` (``m16n8k32``, u8 x u8 -> int32): 4 A, 2 B, 4 C arrays -> 4 D arrays."""
-    return _run(_p.MMA_VALUES, _p.emu_mma_values, _p.C_VALUES, [*a, *b, *c],
-                4, interpret)
+    return _run(_p.MMA_VALUES, _p.C_VALUES, [*a, *b, *c], 4, interpret)
 
 
 def bfly(x, mask: int, interpret: bool):
     """float32 ``x`` plus ``x`` of lane ``l ^ mask``."""
-    [y] = _run(_p.BFLY, _p.emu_bfly, "=r,r,r", [x, jnp.full(jnp.shape(x), mask, _I32)], 1,
-               interpret)
+    [y] = _run(_p.BFLY, _p.C_BFLY, [x, jnp.full(jnp.shape(x), mask, _I32)], 1, interpret)
     return x + jax.lax.bitcast_convert_type(y, jnp.float32)
 
 
 def spread_p(p, interpret: bool):
     """Lane ``(g, t)`` gets ``p[0..3]`` of lane ``4t`` and of lane ``4t + 16``: 8 int32 arrays."""
-    return _run(_p.SPREAD, _p.emu_spread, _p.C_SPREAD, list(p), 8, interpret)
+    return _run(_p.SPREAD, _p.C_SPREAD, list(p), 8, interpret)
 
 
 def transpose4(a, b, c, d, interpret: bool):
     """4 x 4 byte transpose: output ``j`` holds byte ``j`` of ``a``, ``b``, ``c``, ``d``."""
-    return _run(_p.TRANSPOSE, _p.emu_transpose, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], 4,
-                interpret)
+    return _run(_p.TRANSPOSE, _p.C_TRANSPOSE, [a, b, c, d], 4, interpret)
 
 
 def gather_byte(x0, x1, x2, x3, sel, interpret: bool):
     """One word of byte ``L`` of ``x0 .. x3``; ``sel`` = ``L | (L + 4) << 4``."""
-    [y] = _run(_p.GATHER, _p.emu_gather, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], 1,
-               interpret)
+    [y] = _run(_p.GATHER, _p.C_GATHER, [x0, x1, x2, x3, sel], 1, interpret)
     return y
 
 
 def key_b(w0, w1, w2, interpret: bool):
     """The key product's 8 B registers from limb words (``torch.triton.ptx.key_b``'s)."""
-    return _run(_p.KEY_B, _p.emu_key_b, _p.C_KEY_B, [w0, w1, w2], 8, interpret)
+    return _run(_p.KEY_B, _p.C_KEY_B, [w0, w1, w2], 8, interpret)

@@ -62,6 +62,10 @@ _C_KEY_B = tl.constexpr(_imma.C_KEY_B)
 _C_KEYS = tl.constexpr(_imma.C_KEYS)
 _C_VALUES = tl.constexpr(_imma.C_VALUES)
 _C_SPREAD = tl.constexpr(_imma.C_SPREAD)
+_C_BFLY = tl.constexpr(_imma.C_BFLY)
+_C_TRANSPOSE = tl.constexpr(_imma.C_TRANSPOSE)
+_C_PRMT = tl.constexpr(_imma.C_PRMT)
+_C_GATHER = tl.constexpr(_imma.C_GATHER)
 
 
 @triton.jit
@@ -89,7 +93,7 @@ def mma_values(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
 @triton.jit
 def bfly(x, MASK: tl.constexpr):
     """float32 ``x`` plus ``x`` of lane ``l ^ MASK``."""
-    y = tl.inline_asm_elementwise(_BFLY, "=r,r,r", [x.to(tl.int32, bitcast=True), tl.zeros(x.shape, tl.int32) + MASK],
+    y = tl.inline_asm_elementwise(_BFLY, _C_BFLY, [x.to(tl.int32, bitcast=True), tl.zeros(x.shape, tl.int32) + MASK],
                                   dtype=tl.int32, is_pure=True, pack=1)
     return x + y.to(tl.float32, bitcast=True)
 
@@ -105,7 +109,7 @@ def spread_p(p0, p1, p2, p3):
 @triton.jit
 def transpose4(a, b, c, d):
     """4 x 4 byte transpose: output ``j`` holds byte ``j`` of ``a``, ``b``, ``c``, ``d`` (int32 words)."""
-    return tl.inline_asm_elementwise(_TRANSPOSE, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d],
+    return tl.inline_asm_elementwise(_TRANSPOSE, _C_TRANSPOSE, [a, b, c, d],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -113,13 +117,13 @@ def transpose4(a, b, c, d):
 def prmt(a, b, sel):
     """``prmt.b32``: byte ``k`` of the result is byte ``(sel >> 4k) & 7`` of ``b:a`` (``a`` bytes
     0-3, ``b`` 4-7); int32 tensors of one shape, elementwise (the selector may differ by lane)."""
-    return tl.inline_asm_elementwise(_PRMT, "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_PRMT, _C_PRMT, [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
 def gather_byte(x0, x1, x2, x3, sel):
     """One word of byte ``L`` of ``x0 .. x3`` (in that order); ``sel`` = ``L | (L + 4) << 4``."""
-    return tl.inline_asm_elementwise(_GATHER, "=r,r,r,r,r,r", [x0, x1, x2, x3, sel], dtype=tl.int32,
+    return tl.inline_asm_elementwise(_GATHER, _C_GATHER, [x0, x1, x2, x3, sel], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
 
