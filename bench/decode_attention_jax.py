@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lmcache.backends.jax import ops  # noqa: E402
 from lmcache.backends.jax.pallas import decode_attention as kda  # noqa: E402
 from lmcache.backends.jax.pallas import decode_int8 as ki8  # noqa: E402
-from lmcache.backends.jax.pallas import decode_lanes as kl  # noqa: E402
+from lmcache.backends.jax.pallas import decode_lanes as klanes  # noqa: E402
 from lmcache.backends.jax.pallas import quantize as kq  # noqa: E402
 
 HEADS, HEAD_DIM, GROUP, RESIDUAL, BITS = 40, 128, 64, 128, 4
@@ -120,7 +120,7 @@ def compressed_step(scale: float, cfg: dict, kernel=kda, bits: int = BITS):
     """
     cfg = dict(cfg)
     if cfg.pop("kernel", None) == "lanes":
-        kernel = kl
+        kernel = klanes
 
     @jax.jit
     def step(q, kc, ks, kl, vc, vs, vl, kr, vr):

@@ -15,8 +15,9 @@ for what in "${@:-decode}"; do
     tests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,torch timeout ${TEST_TIMEOUT:-480} python3 -m pytest -q -x \
              tests/test_triton_kernels.py tests/test_paged.py -k "${TEST_K:-qrows or long_sequence or paged or imma}" \
              2>&1 | tail -25 | tee $OUT/tests.log ;;
-    jaxtests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,jax timeout ${JAXTEST_TIMEOUT:-200} python3 -m pytest -q -x \
-             tests/test_pallas_kernels.py tests/test_pallas_int8.py tests/test_pallas_lanes.py tests/test_jax_functional.py 2>&1 | tail -15 \
+    jaxtests) LMCACHE_TEST_DEVICE=cuda LMCACHE_TEST_BACKENDS=numpy,jax timeout ${JAXTEST_TIMEOUT:-300} python3 -m pytest -q -x \
+             tests/test_pallas_kernels.py tests/test_pallas_int8.py tests/test_pallas_lanes.py tests/test_jax_functional.py \
+             tests/test_jax_backend.py 2>&1 | tail -15 \
              | tee $OUT/jaxtests.log ;;
     decode) timeout ${DECODE_TIMEOUT:-420} python3 bench/decode_attention.py --out $OUT ${DECODE_ARGS:-} 2>&1 | tee $OUT/decode.log | tail -60 ;;
     jax) timeout ${JAX_TIMEOUT:-300} python3 bench/decode_attention_jax.py --out $OUT --budget ${JAX_BUDGET:-160} 2>&1 \

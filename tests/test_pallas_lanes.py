@@ -31,18 +31,18 @@ def _interpret_on_cpu(request):
 
 # 4-bit K/V, head_dim 128; lengths that end inside a tile and inside a split; 2 query heads per
 # KV head; key groups of 32, 64 and 128; float16 and bfloat16 scales (float32 ones: decode_int8's
-# kernel); the default slices.
-@pytest.mark.parametrize("hkv,gk,length,splits,dtype", [(1, 64, 256, 1, "float16"), (2, 64, 200, 2, "float16"),
-                                                        (1, 32, 37, 1, "float16"), (1, 64, 0, 2, "float16"),
-                                                        (2, 128, 130, 2, "bfloat16"), (1, 64, 100, None, "float16"),
-                                                        (1, 64, 100, None, "float32")])
-def test_lanes_kernel_matches_the_reference(rng, hkv, gk, length, splits, dtype):
+# kernel); the default slices; the value side loaded in its own step (value_ahead=False).
+@pytest.mark.parametrize("hkv,gk,length,splits,dtype,ahead", [
+    (1, 64, 256, 1, "float16", True), (2, 64, 200, 2, "float16", True), (1, 32, 37, 1, "float16", True),
+    (1, 64, 0, 2, "float16", True), (2, 128, 130, 2, "bfloat16", True), (1, 64, 100, None, "float16", True),
+    (1, 64, 100, None, "float32", True), (2, 64, 200, 2, "float16", False)])
+def test_lanes_kernel_matches_the_reference(rng, hkv, gk, length, splits, dtype, ahead):
     b, rep, t, d = 1, 2, 256, 128
     args = _quantized(rng, b, hkv, t, d, 4, 4, gk, 64, dtype=dtype)
     q = jnp.asarray(rng.standard_normal((b, hkv * rep, d)), jnp.float16)
     ref_out, ref_lse = pl_da.decode_attention_reference(q, *args, k_bits=4, v_bits=4, scale=0.3, length=length)
     out, lse = pl_lanes.decode_attention(q, *args, k_bits=4, v_bits=4, scale=0.3, length=length, splits=splits,
-                                         interpret=True)
+                                         value_ahead=ahead, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-4, atol=5e-5)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)
 
