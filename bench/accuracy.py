@@ -9,8 +9,11 @@ calibrated on *other* topics at average 4.5, 3.5 and 3 bits per element with sca
 and 2.5 code bits), each next to the uniform-format row of exactly its bytes (4-bit; keys
 4 / values 2 bits; 2-bit in groups of 32), and transformers' ``QuantizedCache`` (quanto
 backend) at 4 and 2 bits, all in one run. For each row: perplexity, its change against
-the anchor, and the KV bytes held per token at the end (codes, scales, the full-precision
-residual: ``cache.nbytes / tokens``) and in a long context (codes and scales).
+the anchor, the mean KL divergence of its next-token distributions from the anchor's (the
+loss increase expected on text the model itself would write: unlike one text's perplexity
+change, which moves by about +-0.1% with the text, it has no sampling noise), and the KV
+bytes held per token at the end (codes, scales, the full-precision residual:
+``cache.nbytes / tokens``) and in a long context (codes and scales).
 ``--rows`` runs a subset (row names as printed, or their slugs; the anchor always runs).
 
 lmcache rows store K/V in float16 (``kv_dtype=torch.float16``: float16 scales too) while
@@ -43,13 +46,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Cache options rotate, fp_sinks, group_size. "weigh": how a plan weighs the heads' errors
 # (see WEIGH and ``calibrated`` in ``main``).
 RS = {"rotate": True, "fp_sinks": 1}
-# how calibrated rows weigh errors: "validated" (the candidate of least held-out perplexity among
-# the weightings and, at 4.5, plans near uniform 4 bits), "fisher", "loss" (measured per layer and
-# side) or "none"
+# how calibrated rows weigh errors: "validated" (the candidate of least held-out KL among the
+# weightings and, at 4.5, plans near uniform 4 bits), "fisher", "loss" (measured per layer and
+# side), "kl" (measured per entry: lmcache.commands.calibrate.kl_errors) or "none"
 WEIGH = "validated"
 LOSS_TOKENS = 1024
 # "validated" rows: candidate plans (each weighting, and at a budget a uniform plan has, plans at
-# most this many entries away from it) ranked by perplexity on VALIDATE_TOKENS held-out tokens
+# most this many entries away from it) ranked by KL to full precision on VALIDATE_TOKENS held-out
+# tokens (KL, not perplexity: between plans this close the held-out perplexity is mostly noise)
 VALIDATE_MOVES = (0, 3, 6, 9, 12, 18, 24)
 VALIDATE_TOKENS = 8192
 ROWS = [
@@ -75,6 +79,9 @@ ROWS = [
     ("lmcache plan 3 rotate sinks unweighted", "lmcache", {"plan": 3.0, "weigh": "none", **RS}),
     ("lmcache plan 4.5 rotate sinks loss", "lmcache", {"plan": 4.5, "weigh": "loss", **RS}),
     ("lmcache plan 3.5 rotate sinks loss", "lmcache", {"plan": 3.5, "weigh": "loss", **RS}),
+    ("lmcache plan 4.5 rotate sinks kl", "lmcache", {"plan": 4.5, "weigh": "kl", **RS}),
+    ("lmcache plan 3.5 rotate sinks kl", "lmcache", {"plan": 3.5, "weigh": "kl", **RS}),
+    ("lmcache plan 3 rotate sinks kl", "lmcache", {"plan": 3.0, "weigh": "kl", **RS}),
     ("lmcache 2-bit rotate", "lmcache", {"bits": 2, "rotate": True}),
     ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 1}),
 ]
@@ -165,21 +172,18 @@ def quanto_bytes(cache) -> int:
     return total
 
 
-def perplexity(model, ids, cache, chunk: int) -> float:
-    """exp(mean next-token NLL) over ``ids`` ``[1, n]``, fed ``chunk`` tokens at a time through ``cache``."""
-    import torch
+def evaluate(model, ids, cache, chunk: int, reference: list) -> tuple[float, float]:
+    """``(perplexity, KL)`` of ``ids`` ``[1, n]`` fed ``chunk`` tokens at a time through ``cache``.
 
-    from lmcache.integrations.hf import cache_argument
+    Perplexity: exp(mean next-token NLL). KL: mean KL divergence (nats per token) of the
+    next-token distributions from full precision's (``reference``: ``reference_logprobs`` of
+    ``ids``). The perplexity change of one text moves by about +-0.1% with which tokens it
+    holds (a 4-bit cache beats full precision on some windows); the KL has no such noise.
+    """
+    from lmcache.commands.calibrate import kl_and_nll
 
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, s:s + chunk], **{cache_argument(): cache}, use_cache=True).logits[0].float()
-            tgt = ids[0, s + 1:s + chunk + 1]
-            lp = torch.log_softmax(logits[:len(tgt)], -1)
-            nll -= lp.gather(1, tgt[:, None]).sum().item()
-            n += len(tgt)
-    return math.exp(nll / n)
+    kl, nll = kl_and_nll(model, ids, cache, reference, chunk=chunk)
+    return math.exp(nll), kl
 
 
 def main(argv=None) -> int:
@@ -206,7 +210,14 @@ def main(argv=None) -> int:
     import torch
 
     from lmcache.calibrate import calibrate, element_cost, loss_weights, measure
-    from lmcache.commands.calibrate import layer_loss_increase, loss_gradients, plot_plan, pydoc_tokens
+    from lmcache.commands.calibrate import (
+        kl_errors,
+        layer_loss_increase,
+        loss_gradients,
+        plot_plan,
+        pydoc_tokens,
+        reference_logprobs,
+    )
     from lmcache.integrations import hf
 
     torch.manual_seed(0)
@@ -240,6 +251,14 @@ def main(argv=None) -> int:
                 samples = [dict(s, grads=g) for s, g in zip(state["samples"], state["grads"])]
                 state[("fisher",) + key] = measure(samples, **dict(key))
             errors = state[("fisher",) + key]
+        elif weigh == "kl":
+            if ("kl",) + key not in state:
+                # one pass per (layer, head, K/V) and bit-width: 362, over LOSS_TOKENS tokens
+                t = time.time()
+                state[("kl",) + key] = kl_errors(model, cal_ids[:, :LOSS_TOKENS], chunk=args.chunk, kv_dtype=fp16,
+                                                 **kw)
+                print(f"  kl_errors: {time.time() - t:.0f}s", flush=True)
+            errors = state[("kl",) + key]
         elif weigh == "loss":
             if ("loss",) + key not in state:
                 # per layer and side: 61 passes, over the first LOSS_TOKENS tokens of the calibration text
@@ -251,21 +270,25 @@ def main(argv=None) -> int:
                                "weighting": weigh})
 
     def validated(avg_bits, **kw):
-        """The candidate plan of least perplexity on held-out text (neither the calibration nor the evaluated one)."""
-        cands = [(w, None) for w in ("none", "fisher", "loss")]
+        """The candidate plan of least KL on held-out text (neither the calibration nor the evaluated one)."""
+        cands = [(w, None) for w in ("none", "fisher", "loss", "kl")]
         if any(abs(element_cost(b, 64) - avg_bits) < 1e-9 for b in (2, 4, 8)):  # a uniform plan of these bytes
-            cands += [("none", m) for m in VALIDATE_MOVES]
+            cands += [(w, m) for w in ("none", "kl") for m in VALIDATE_MOVES]
+        if "val_ref" not in state:
+            state["val_ref"] = reference_logprobs(model, val_ids, chunk=args.chunk)
         tried = []
         for w, m in cands:
             plan = plan_for(avg_bits, w, m, **kw)
-            ppl = perplexity(model, val_ids, hf.HFCache(plan=plan, kv_dtype=fp16, **kw), args.chunk)
-            tried.append((ppl, w, m, plan))
-            print(f"  plan {avg_bits:g} weigh={w} max_moves={m}: held-out perplexity {ppl:.4f}", flush=True)
-        ppl, w, m, plan = min(tried, key=lambda t: t[0])
+            ppl, kl = evaluate(model, val_ids, hf.HFCache(plan=plan, kv_dtype=fp16, **kw), args.chunk,
+                               state["val_ref"])
+            tried.append((kl, ppl, w, m, plan))
+            print(f"  plan {avg_bits:g} weigh={w} max_moves={m}: held-out KL {1e3 * kl:.4f} mnats, "
+                  f"perplexity {ppl:.4f}", flush=True)
+        kl, ppl, w, m, plan = min(tried, key=lambda t: t[0])
         plan.meta.update(weighting=f"validated: {w}", validation={
             "text": f"pydoc_data.topics after the calibration text ({VALIDATE_TOKENS} tokens), chunks of {args.chunk}",
-            "chosen": {"weigh": w, "max_moves": m},
-            "perplexity": [{"weigh": t[1], "max_moves": t[2], "perplexity": t[0]} for t in tried]})
+            "criterion": "least mean KL (nats per token) from full precision", "chosen": {"weigh": w, "max_moves": m},
+            "tried": [{"weigh": t[2], "max_moves": t[3], "kl": t[0], "perplexity": t[1]} for t in tried]})
         return plan
 
     def calibrated(avg_bits, weigh=WEIGH, **kw):
@@ -313,7 +336,7 @@ def main(argv=None) -> int:
                                 "token kept in full precision), 'sinks4': fp_sinks=4; 'K4 V2': keys 4 bits, values "
                                 "2 bits everywhere; 'plan B': lmcache.calibrate at avg_bits=B per element, float16 "
                                 "scales included (uniform 2-bit = 2.5, 4-bit = 4.5 at groups of 64, i.e. B - 0.5 "
-                                "code bits), the candidate of least perplexity on held-out text (the "
+                                "code bits), the candidate of least KL to full precision on held-out text (the "
                                 f"{VALIDATE_TOKENS} calibration-topic tokens after the calibration text) among "
                                 "the weightings below and, at 4.5, plans at most "
                                 f"{', '.join(map(str, VALIDATE_MOVES))} entries away from uniform 4 bits "
@@ -321,7 +344,10 @@ def main(argv=None) -> int:
                                 "squared loss gradient there (diagonal Fisher, "
                                 "lmcache.commands.calibrate.loss_gradients on the calibration text); 'unweighted': "
                                 "the layer-normalized attention-output error; 'loss': weighted by the measured loss "
-                                "increase per layer and side (lmcache.calibrate.loss_weights)",
+                                "increase per layer and side (lmcache.calibrate.loss_weights); 'kl': each (layer, "
+                                "head, K/V) entry's KL measured on the model with that entry alone off uniform 4 "
+                                f"bits ({LOSS_TOKENS} calibration tokens, lmcache.commands.calibrate.kl_errors)",
+            "kl": "mean KL divergence (nats per token) of each row's next-token distributions from the anchor's",
             "quanto_settings": "QuantizedCache(backend='quanto'), q_group_size 64, residual_length 128, "
                                "float32 states (the model's dtype)",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -332,12 +358,14 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "rows": results}, f, indent=1)
 
     results = []
-    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'B/token held':>12s} {'B/token long':>12s} {'s':>6s}", flush=True)
+    reference = reference_logprobs(model, ids, chunk=args.chunk)
+    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'KL mnat':>8s} {'B/token held':>12s} {'B/token long':>12s} "
+          f"{'s':>6s}", flush=True)
     for name, impl, factory in rows:
         t = time.time()
         try:
             cache = factory()
-            ppl = perplexity(model, ids, cache, args.chunk)
+            ppl, kl = evaluate(model, ids, cache, args.chunk, reference)
         except Exception as e:  # a row that fails is reported, the others still run
             print(f"{name:44s} failed: {type(e).__name__}: {e}", flush=True)
             results.append({"name": name, "impl": impl, "error": f"{type(e).__name__}: {e}"})
@@ -349,11 +377,11 @@ def main(argv=None) -> int:
             nbytes = quanto_bytes(cache)
         else:
             nbytes = sum(tensor_bytes(ly.keys) + tensor_bytes(ly.values) for ly in cache.layers)
-        row = {"name": name, "impl": impl, "perplexity": ppl, "bytes_per_token": nbytes / ids.shape[1],
+        row = {"name": name, "impl": impl, "perplexity": ppl, "kl": kl, "bytes_per_token": nbytes / ids.shape[1],
                "seconds": round(time.time() - t, 1)}
         results.append(row)
         derive(results, args.plans_dir)
-        print(f"{name:44s} {ppl:9.4f} {row['delta_pct']:+8.2f}% {row['bytes_per_token']:12.0f} "
+        print(f"{name:44s} {ppl:9.4f} {row['delta_pct']:+8.2f}% {1e3 * kl:8.3f} {row['bytes_per_token']:12.0f} "
               f"{row['steady_bytes_per_token']:12.0f} {row['seconds']:6.0f}", flush=True)
         write(results)
         plot([r for r in results if "perplexity" in r], os.path.splitext(out)[0] + ".png", "partial run")
@@ -390,7 +418,7 @@ def unseen_windows(model, tok, args) -> int:
     import torch
     import transformers
 
-    from lmcache.commands.calibrate import pydoc_tokens
+    from lmcache.commands.calibrate import pydoc_tokens, reference_logprobs
 
     out = args.out or default_out()
     with open(out) as f:
@@ -405,13 +433,17 @@ def unseen_windows(model, tok, args) -> int:
             st = settings[name]
             plan = saved_plan(args.plans_dir, st) if "plan" in st else None
             makers[name] = lambda st=st, plan=plan: lmcache_cache(st, model.config, plan)
-    ppl = {name: [] for name in makers}
+    ppl, kls = {name: [] for name in makers}, {name: [] for name in makers}
     for i in range(n):
         ids = torch.tensor([text[i * w:(i + 1) * w]])
+        ref = reference_logprobs(model, ids, chunk=args.chunk)
         for name, make in makers.items():
-            ppl[name].append(perplexity(model, ids, make(), args.chunk))
+            p, kl = evaluate(model, ids, make(), args.chunk, ref)
+            ppl[name].append(p)
+            kls[name].append(kl)
         fp = ppl["full precision (DynamicCache fp32)"][-1]
-        print(f"window {i}: " + ", ".join(f"{k} {100 * (v[-1] / fp - 1):+.3f}%" for k, v in ppl.items()), flush=True)
+        print(f"window {i}: " + ", ".join(f"{k} {100 * (v[-1] / fp - 1):+.3f}% KL {1e3 * kls[k][-1]:.3f}"
+                                          for k, v in ppl.items()), flush=True)
 
     def geo(v):
         return math.exp(sum(math.log(x) for x in v) / len(v))
@@ -420,13 +452,16 @@ def unseen_windows(model, tok, args) -> int:
     change = {k: 100 * (geo(v) / fp - 1) for k, v in ppl.items()}
     doc["unseen_windows"] = {
         "text": f"pydoc_data.topics, {n} windows of {w} tokens after the calibration and held-out texts, chunks of "
-                f"{args.chunk}", "perplexity": ppl, "geo_mean_change_pct": change,
+                f"{args.chunk}", "perplexity": ppl, "kl": kls, "geo_mean_change_pct": change,
+        "mean_kl": {k: sum(v) / len(v) for k, v in kls.items()},
         "calibrated beats uniform at the same bytes": {f"{p} vs {u}": change[p] < change[u] for p, u in SAME_BYTES},
+        "calibrated beats uniform at the same bytes, windows won (perplexity, KL)": {
+            f"{p} vs {u}": [sum(a < b for a, b in zip(ppl[p], ppl[u])), sum(a < b for a, b in zip(kls[p], kls[u]))]
+            for p, u in SAME_BYTES},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(json.dumps({k: doc["unseen_windows"][k] for k in ("geo_mean_change_pct",
-                                                            "calibrated beats uniform at the same bytes")}, indent=1))
+    print(json.dumps({k: v for k, v in doc["unseen_windows"].items() if k not in ("perplexity", "kl")}, indent=1))
     return 0
 
 
@@ -468,6 +503,9 @@ def targets(rows: list) -> dict:
                         "steady_bytes_per_token": [by[p].get("steady_bytes_per_token"),
                                                    by[u].get("steady_bytes_per_token")]}
         for p, u in SAME_BYTES if p in by and u in by}
+    out["calibrated beats uniform at the same bytes, by KL to full precision"] = {
+        f"{p} vs {u}": {"holds": by[p]["kl"] < by[u]["kl"], "kl": [by[p]["kl"], by[u]["kl"]]}
+        for p, u in SAME_BYTES if p in by and u in by and "kl" in by[p] and "kl" in by[u]}
     quanto = sorted((r for r in by.values() if r["impl"] == "transformers"), key=lambda r: r["steady_bytes_per_token"])
     for suffix, names in (("", set(by) - ABLATIONS), (", weighting ablations included", set(by))):
         nearest, every = {}, {}
@@ -493,9 +531,10 @@ def finish(doc: dict, out: str, plans_dir: str) -> None:
     m = doc["meta"]
     plot(rows, png, f"SmolLM2-135M, {m['tokens']} tokens of pydoc_data.topics, chunks of {m['chunk']} "
                     f"({m['device']})")
-    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'B/token held':>12s} {'B/token long':>12s}")
+    print(f"{'cache':44s} {'ppl':>9s} {'vs fp':>9s} {'KL mnat':>8s} {'B/token held':>12s} {'B/token long':>12s}")
     for r in rows:
-        print(f"{r['name']:44s} {r['perplexity']:9.4f} {r['delta_pct']:+8.2f}% {r['bytes_per_token']:12.0f} "
+        print(f"{r['name']:44s} {r['perplexity']:9.4f} {r['delta_pct']:+8.2f}% {1e3 * r.get('kl', math.nan):8.3f} "
+              f"{r['bytes_per_token']:12.0f} "
               f"{r.get('steady_bytes_per_token', float('nan')):12.0f}")
     print(json.dumps(doc["targets"], indent=1))
     print(f"wrote {out} and {png}")

@@ -254,3 +254,48 @@ def test_model_sensitivities():
     assert len(two) == 2 and all(abs(e) < abs(t) for e, t in zip(eight, two))
     with pytest.raises(ValueError, match="input_ids must be"):
         loss_gradients(model, ids[0])
+
+
+def test_kl_errors_find_a_planted_outlier_head():
+    """kl_errors measures each entry's KL on the model itself: a value head given an outlier
+    channel (the model's function unchanged: o_proj divides it back) is found and gets bits."""
+    torch = require("torch")
+    transformers = require("transformers")
+    hf = require("lmcache.integrations.hf")
+    from lmcache.commands.calibrate import kl_and_nll, kl_errors, reference_logprobs
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(3))
+    kw = {"group_size": 16, "residual": 16, "rotate": False, "fp_sinks": 0}
+    ref = reference_logprobs(model, ids, chunk=20)
+    kl, nll = kl_and_nll(model, ids, hf.HFCache(bits=None), ref, chunk=20)
+    ref_nll = -sum(float(r[0, :len(t)].gather(1, t[:, None]).sum()) for r, t in
+                   zip(ref, [ids[0, s + 1:s + 21] for s in range(0, 80, 20)])) / 79
+    assert abs(kl) < 1e-6 and nll == pytest.approx(ref_nll, rel=1e-6)
+    assert kl_and_nll(model, ids, hf.HFCache(bits=2, **kw), ref, chunk=20)[0] > 1e-5
+
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():  # value channel 5 of KV head 0 (query heads 0 and 1) made 40x larger
+        attn.v_proj.weight[5] *= 40
+        attn.o_proj.weight[:, [5, 16 + 5]] /= 40
+    ref = reference_logprobs(model, ids, chunk=20)
+    done = []
+    e = kl_errors(model, ids, chunk=20, progress=lambda d, t: done.append((d, t)), **kw)
+    assert done[-1] == (26, 26) and e["bits"] == [2, 4, 8] and e["head_dim"] == [16, 16]
+    assert abs(e["base_kl"]) < 1e-6
+    # KL falls with the bits of every value entry (this random model's attention barely reacts to its keys)
+    assert all(e["v"][layer][0][h] > e["v"][layer][1][h] > e["v"][layer][2][h] for layer in range(2)
+               for h in range(2))
+    two = {(s, layer, h): e[s][layer][0][h] for s in "kv" for layer in range(2) for h in range(2)}
+    assert max(two, key=two.get) == ("v", 1, 0)
+    # one entry above 2 bits fits the budget: the planted head takes it
+    from lmcache.calibrate import calibrate, element_cost
+
+    plan = calibrate(None, (7 * element_cost(2, 16) + element_cost(4, 16)) / 8, errors=e)
+    assert plan.v_bits[1][0] == 4 and sum(b > 2 for row in plan.k_bits + plan.v_bits for b in row) == 1
+    with pytest.raises(ValueError, match="bits"):
+        kl_errors(model, ids, bits=(3, 4), **kw)

@@ -153,6 +153,13 @@ def test_cli_calibrate_on_a_local_model(model, tmp_path, capsys):
                  "--out", str(out)]) == 0
     plan = lmcache.QuantPlan.load(out)
     assert plan.meta["max_moves"] == 1 and sum(b != 2 for row in plan.k_bits + plan.v_bits for b in row) <= 1
+    # --weigh kl: the errors are KL divergences measured on the model, one pass per entry and bit-width
+    assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "300", "--chunk", "100",
+                 "--group-size", "32", "--residual", "64", "--avg-bits", "4", "--weigh", "kl",
+                 "--out", str(out)]) == 0
+    plan = lmcache.QuantPlan.load(out)
+    assert plan.meta["weighting"] == "kl" and plan.meta["metric"].startswith("KL") and plan.meta["avg_bits"] <= 4.0
+    assert len(plan.meta["errors"]["k"]) == 2 and plan.meta["errors"]["base_kl"] > 0
     assert main(["calibrate", str(text), "--model", str(tmp_path / "m"), "--tokens", "50", "--residual", "64",
                  "--out", str(out)]) == 2
     assert "calibration needs at least" in capsys.readouterr().err
