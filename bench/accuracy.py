@@ -11,7 +11,8 @@ and 2.5 code bits), each next to the uniform-format row of exactly its bytes (4-
 backend) at 4 and 2 bits, all in one run. For each row: perplexity, its change against
 the anchor, the mean KL divergence of its next-token distributions from the anchor's (the
 loss increase expected on text the model itself would write: unlike one text's perplexity
-change, which moves by about +-0.1% with the text, it has no sampling noise), and the KV
+change, which moves by about +-0.1% with the tokens the text holds, it does not depend on
+them), and the KV
 bytes held per token at the end (codes, scales, the full-precision residual:
 ``cache.nbytes / tokens``) and in a long context (codes and scales).
 ``--rows`` runs a subset (row names as printed, or their slugs; the anchor always runs).
@@ -178,7 +179,7 @@ def evaluate(model, ids, cache, chunk: int, reference: list) -> tuple[float, flo
     Perplexity: exp(mean next-token NLL). KL: mean KL divergence (nats per token) of the
     next-token distributions from full precision's (``reference``: ``reference_logprobs`` of
     ``ids``). The perplexity change of one text moves by about +-0.1% with which tokens it
-    holds (a 4-bit cache beats full precision on some windows); the KL has no such noise.
+    holds (a 4-bit cache beats full precision on some windows); the KL does not.
     """
     from lmcache.commands.calibrate import kl_and_nll
 

@@ -207,11 +207,11 @@ def kl_and_nll(model, input_ids, cache, reference: list, *, chunk: int = 128) ->
     """``(KL, NLL)`` of ``input_ids`` fed ``chunk`` tokens at a time through ``cache``.
 
     ``reference``: ``reference_logprobs`` of the same ids and chunk. KL: the mean over
-    positions of ``KL(p_full || p_cache)`` of the next-token distributions, in nats; it is the
-    loss increase expected when text is drawn from the full-precision model, so unlike the
-    NLL change on one text it has no sampling noise of its own (a compressed cache can lower
-    one text's NLL by luck, never the KL). NLL: mean next-token negative log-likelihood
-    (the last position has no target), nats.
+    positions of ``KL(p_full || p_cache)`` of the next-token distributions, in nats: the loss
+    increase expected when the full-precision model writes the next token. Unlike the NLL
+    change it does not depend on which token the text happens to hold next (a compressed
+    cache can lower one text's NLL by luck, never its KL). NLL: mean next-token negative
+    log-likelihood (the last position has no target), nats.
     """
     kl, nll, n_kl, n = 0.0, 0.0, 0, 0
     for (s, lp), ref in zip(_chunk_logprobs(model, input_ids, cache, chunk), reference):
