@@ -12,9 +12,8 @@ backend) at 4 and 2 bits, all in one run. For each row: perplexity, its change a
 the anchor, the mean KL divergence of its next-token distributions from the anchor's (the
 loss increase expected on text the model itself would write: unlike one text's perplexity
 change, which moves by about +-0.1% with the tokens the text holds, it does not depend on
-them), and the KV
-bytes held per token at the end (codes, scales, the full-precision residual:
-``cache.nbytes / tokens``) and in a long context (codes and scales).
+them), and the KV bytes held per token at the end (codes, scales, the full-precision
+residual: ``cache.nbytes / tokens``) and in a long context (codes and scales).
 ``--rows`` runs a subset (row names as printed, or their slugs; the anchor always runs).
 
 lmcache rows store K/V in float16 (``kv_dtype=torch.float16``: float16 scales too) while
@@ -254,7 +253,7 @@ def main(argv=None) -> int:
             errors = state[("fisher",) + key]
         elif weigh == "kl":
             if ("kl",) + key not in state:
-                # one pass per (layer, head, K/V) and bit-width: 362, over LOSS_TOKENS tokens
+                # one pass per (layer, head, K/V) and bit-width, each alone: 542, over LOSS_TOKENS tokens
                 t = time.time()
                 state[("kl",) + key] = kl_errors(model, cal_ids[:, :LOSS_TOKENS], chunk=args.chunk, kv_dtype=fp16,
                                                  **kw)
@@ -346,8 +345,9 @@ def main(argv=None) -> int:
                                 "lmcache.commands.calibrate.loss_gradients on the calibration text); 'unweighted': "
                                 "the layer-normalized attention-output error; 'loss': weighted by the measured loss "
                                 "increase per layer and side (lmcache.calibrate.loss_weights); 'kl': each (layer, "
-                                "head, K/V) entry's KL measured on the model with that entry alone off uniform 4 "
-                                f"bits ({LOSS_TOKENS} calibration tokens, lmcache.commands.calibrate.kl_errors)",
+                                "head, K/V) entry's KL measured on the model with that entry alone quantized, the "
+                                f"others in full precision ({LOSS_TOKENS} calibration tokens, "
+                                "lmcache.commands.calibrate.kl_errors)",
             "kl": "mean KL divergence (nats per token) of each row's next-token distributions from the anchor's",
             "quanto_settings": "QuantizedCache(backend='quanto'), q_group_size 64, residual_length 128, "
                                "float32 states (the model's dtype)",
