@@ -87,9 +87,17 @@ class QuantPlan:
         return total / n
 
     def summary(self) -> str:
-        """A readable table: one line per layer, bits per head for K and V."""
-        lines = [f"QuantPlan: {self.num_layers} layers, {len(self.k_bits[0])} KV heads, "
-                 f"average {self.average_bits():.2f} bits (scales included, head_dim 64)"]
+        """A readable table: one line per layer, bits per head for K and V.
+
+        The average counts the head_dim, group size and scale bits that ``calibrate`` recorded
+        in ``meta``; a plan without them (written by hand) is counted at head_dim 64, groups
+        of 64 and 16-bit scales.
+        """
+        dims = (self.meta.get("errors") or {}).get("head_dim") or [64]
+        head_dim, group, scale_bits = int(dims[0]), self.meta.get("group_size", 64), self.meta.get("scale_bits", 16)
+        lines = [f"QuantPlan: {self.num_layers} layers, {len(self.k_bits[0])} KV heads, average "
+                 f"{self.average_bits(head_dim, group, scale_bits):.2f} bits (scales included, head_dim "
+                 f"{head_dim}, groups of {group})"]
         for i, (rk, rv) in enumerate(zip(self.k_bits, self.v_bits)):
             fmt = lambda r: " ".join("fp" if b is None else str(b) for b in r)  # noqa: E731
             lines.append(f"  layer {i:3d}  K: {fmt(rk)}  V: {fmt(rv)}")

@@ -134,6 +134,14 @@ def test_plan_round_trip(rng, tmp_path):
     assert "layer   2" in back.summary()
 
 
+def test_summary_counts_the_calibrated_head_dim(rng):
+    # head_dim 16: values group over 16 channels, so scales cost more than at the default 64
+    samples = [{k: v[..., :16] for k, v in s.items()} for s in synthetic(rng, True)]
+    plan = calibrate(samples, avg_bits=4.0, residual=64, max_queries=16)
+    assert f"average {plan.meta['avg_bits']:.2f} bits" in plan.summary() and "head_dim 16" in plan.summary()
+    assert plan.average_bits(16) != plan.average_bits(64)
+
+
 @pytest.mark.parametrize("backend", test_backends())
 def test_cache_accepts_plan_and_rejects_a_bad_one(rng, backend):
     if backend != "numpy":
