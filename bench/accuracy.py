@@ -542,41 +542,71 @@ def finish(doc: dict, out: str, plans_dir: str) -> None:
 
 
 def plot(results: list, path: str, title: str) -> None:
-    """Perplexity against KV bytes per token (held at the end; and once the context is long), labelled points."""
+    """Perplexity change and KL against KV bytes per token in a long context, one labelled point per row.
+
+    Log scales (symmetric-log for the perplexity change, which can be below zero) keep rows
+    from +0.01% to +1000% apart; labels are spread vertically so rows of equal bytes stay
+    readable, each joined to its point. The weighting ablations are drawn unlabelled.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
-    for ax, key, label_x in ((axes[0], "bytes_per_token", "KV bytes per token held after 2048 tokens "
-                                                        "(codes + scales + full-precision tail)"),
-                           (axes[1], "steady_bytes_per_token", "KV bytes per token in a long context "
-                                                               "(codes + scales)")):
-        top = results[0]["perplexity"] * 1.6  # rows above this are drawn on the top edge, value in the label
-        for r in results:
-            if key not in r:
-                continue
+    rows = [r for r in results if "steady_bytes_per_token" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7))
+    panels = ((axes[0], "perplexity change against full precision (%)", lambda r: r["delta_pct"], "{:+.2f}%"),
+              (axes[1], "KL to full precision (millinats per token)", lambda r: 1e3 * r["kl"] if "kl" in r else None,
+               "{:.2f} mnat"))
+    for ax, ylabel, value, fmt in panels:
+        pts = []
+        for r in rows:
+            y = value(r)
+            if y is None or (ax is axes[1] and y <= 0):
+                continue  # the anchor has KL 0: nothing to draw on a log scale
             colour = "#4575b4" if r["impl"] == "lmcache" else "#d7301f"
-            marker = "s" if "plan" in r["name"] else "o"
-            y = min(r["perplexity"], top)
+            if r["name"] in ABLATIONS:
+                ax.scatter(r["steady_bytes_per_token"], y, facecolors="none", edgecolors=colour, marker="s", s=18,
+                           alpha=0.6)
+                continue
+            ax.scatter(r["steady_bytes_per_token"], y, c=colour, marker="s" if "plan" in r["name"] else "o", s=32)
             label = r["name"].replace("transformers QuantizedCache ", "HF ").replace("lmcache ", "")
-            if r["perplexity"] > top:
-                marker, label = "^", f"{label} (ppl {r['perplexity']:.0f}, off the scale)"
-            ax.scatter(r[key], y, c=colour, marker=marker, s=30)
-            ax.annotate(f"{label} {r['delta_pct']:+.1f}%", (r[key], y), fontsize=6.5, xytext=(4, 2),
-                        textcoords="offset points", rotation=20)
-        ax.axhline(results[0]["perplexity"], color="grey", lw=0.7, ls="--")
-        ax.set_ylim(results[0]["perplexity"] * 0.98, top * 1.03)
+            pts.append((r["steady_bytes_per_token"], y, f"{label}  {fmt.format(y)}"))
+        if ax is axes[0]:
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.axhline(0, color="grey", lw=0.7, ls="--")
+        else:
+            ax.set_yscale("log")
         ax.set_xscale("log")
-        ax.set_xlabel(label_x, fontsize=8)
+        ax.set_xlim(3000, 70000)
+        ax.set_xlabel("KV bytes per token in a long context (codes + scales)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("perplexity")
-    fig.suptitle(title + "; blue: lmcache (squares: calibrated plans), red: transformers", fontsize=9)
+        _spread_labels(fig, ax, pts)
+    fig.suptitle(title + "\nblue: lmcache (squares: calibrated plans; hollow: weighting ablations), red: "
+                         "transformers", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _spread_labels(fig, ax, pts: list, gap_pt: float = 9.0) -> None:
+    """Annotate ``pts`` (x, y, text) right of their points, pushed apart vertically by ``gap_pt`` points."""
+    if not pts:
+        return
+    fig.canvas.draw()  # the axes' final limits and scales, so data maps to display points
+    to_pt = 72.0 / fig.dpi
+    disp = [ax.transData.transform((x, y)) * to_pt for x, y, _ in pts]
+    order = sorted(range(len(pts)), key=lambda i: disp[i][1])
+    ys = [disp[i][1] for i in order]
+    for k in range(1, len(ys)):
+        ys[k] = max(ys[k], ys[k - 1] + gap_pt)
+    # centre the stack on the points it came from, so it does not drift off the top
+    shift = (sum(disp[i][1] for i in order) - sum(ys)) / len(ys)
+    for k, i in enumerate(order):
+        x, y, text = pts[i]
+        ax.annotate(text, (x, y), xytext=(14, ys[k] + shift - disp[i][1]), textcoords="offset points", fontsize=6.5,
+                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
 
 if __name__ == "__main__":
     sys.exit(main())
