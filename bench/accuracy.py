@@ -45,7 +45,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # scales: uniform 2 bits = 2.5, 4 bits = 4.5 with float16 scales and groups of 64) and the
 # Cache options rotate, fp_sinks, group_size. "weigh": how a plan weighs the heads' errors
 # (see WEIGH and ``calibrated`` in ``main``).
-RS = {"rotate": True, "fp_sinks": 1}
+# fp_sinks=4, not 1: where a window starts on a repeated token ("\n\n") the first two tokens
+# share the sink's attention, and an unprotected second sink multiplied a plan's KL by three
+# on one unseen window of eight (4 made no other window worse on average; chosen on those
+# windows and the held-out text, not on the evaluated one)
+RS = {"rotate": True, "fp_sinks": 4}
 # how calibrated rows weigh errors: "validated" (the candidate of least held-out KL among the
 # weightings and, at 4.5, plans near uniform 4 bits), "fisher", "loss" (measured per layer and
 # side), "kl" (measured per entry: lmcache.commands.calibrate.kl_errors) or "none"
@@ -69,7 +73,8 @@ ROWS = [
     ("lmcache plan 3 rotate sinks", "lmcache", {"plan": 3.0, **RS}),
     ("lmcache 2-bit", "lmcache", {"bits": 2}),
     ("lmcache 2-bit rotate sinks", "lmcache", {"bits": 2, **RS}),
-    ("lmcache 2-bit rotate sinks4", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 4}),
+    ("lmcache 2-bit rotate sinks1", "lmcache", {"bits": 2, "rotate": True, "fp_sinks": 1}),
+    ("lmcache 4-bit rotate sinks1", "lmcache", {"bits": 4, "rotate": True, "fp_sinks": 1}),
     ("lmcache 8-bit", "lmcache", {"bits": 8}),
     ("lmcache plan 4.5 rotate sinks fisher", "lmcache", {"plan": 4.5, "weigh": "fisher", **RS}),
     ("lmcache plan 3.5 rotate sinks fisher", "lmcache", {"plan": 3.5, "weigh": "fisher", **RS}),
@@ -83,7 +88,7 @@ ROWS = [
     ("lmcache plan 3.5 rotate sinks kl", "lmcache", {"plan": 3.5, "weigh": "kl", **RS}),
     ("lmcache plan 3 rotate sinks kl", "lmcache", {"plan": 3.0, "weigh": "kl", **RS}),
     ("lmcache 2-bit rotate", "lmcache", {"bits": 2, "rotate": True}),
-    ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 1}),
+    ("lmcache 2-bit sinks", "lmcache", {"bits": 2, "fp_sinks": 4}),
 ]
 #: Calibrated rows with one fixed weighting: the candidates the validated plans are chosen from,
 #: kept as ablations (the QuantizedCache comparison is reported with and without them).
@@ -332,8 +337,8 @@ def main(argv=None) -> int:
             "chunk": args.chunk, "calibration_text": "pydoc_data.topics, the topics after the evaluated ones (2048 "
                                                      "tokens)",
             "lmcache_settings": "group_size 64 unless 'g32', residual 128, float16 K/V and scales "
-                                "(kv_dtype=float16); 'rotate': Hadamard on K and V; 'sinks': fp_sinks=1 (first "
-                                "token kept in full precision), 'sinks4': fp_sinks=4; 'K4 V2': keys 4 bits, values "
+                                "(kv_dtype=float16); 'rotate': Hadamard on K and V; 'sinks': fp_sinks=4 (first "
+                                "4 tokens kept in full precision), 'sinks1': fp_sinks=1; 'K4 V2': keys 4 bits, values "
                                 "2 bits everywhere; 'plan B': lmcache.calibrate at avg_bits=B per element, float16 "
                                 "scales included (uniform 2-bit = 2.5, 4-bit = 4.5 at groups of 64, i.e. B - 0.5 "
                                 "code bits), the candidate of least KL to full precision on held-out text (the "
