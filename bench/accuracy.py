@@ -60,6 +60,7 @@ LOSS_TOKENS = 1024
 # tokens (KL, not perplexity: between plans this close the held-out perplexity is mostly noise)
 VALIDATE_MOVES = (0, 3, 6, 9, 12, 18, 24)
 VALIDATE_TOKENS = 8192
+CALIBRATION_TOKENS = 2048
 ROWS = [
     ("full precision (DynamicCache fp32)", "anchor", {}),
     ("transformers QuantizedCache quanto 4-bit", "transformers", {"quanto": 4}),
@@ -141,6 +142,22 @@ def steady_bytes(impl: str, st: dict, plans_dir: str, layers: int = 30, kv_heads
         kb, vb = [kb_] * (layers * kv_heads), [vb_] * (layers * kv_heads)
     return float(sum(b * head_dim / 8 + 4 * head_dim / g for b in kb)
                  + sum(b * head_dim / 8 + 4 * head_dim / min(g, head_dim) for b in vb))
+
+
+def calibration_texts(tok, eval_tokens: int, windows: int = 0, window: int = 2048) -> tuple[list, list, list]:
+    """Token ids of the texts cut from the calibration topics (those after the evaluated ones), in order.
+
+    ``(calibration, held_out, windows)``: the ``CALIBRATION_TOKENS`` plans are calibrated on,
+    the ``VALIDATE_TOKENS`` that rank candidate plans, then ``windows`` unseen windows of
+    ``window`` tokens that neither saw. ``eval_tokens``: the evaluated text's length, which
+    decides where the calibration topics start.
+    """
+    from lmcache.commands.calibrate import pydoc_tokens
+
+    skip = CALIBRATION_TOKENS + VALIDATE_TOKENS
+    text = pydoc_tokens(tok, skip + windows * window, "calibrate", eval_tokens=eval_tokens)
+    return (text[:CALIBRATION_TOKENS], text[CALIBRATION_TOKENS:skip],
+            [text[skip + i * window:skip + (i + 1) * window] for i in range(windows)])
 
 
 def slug(name: str) -> str:
@@ -232,9 +249,9 @@ def main(argv=None) -> int:
     if args.unseen_windows:
         return unseen_windows(model, tok, args)
     ids = torch.tensor([pydoc_tokens(tok, args.tokens, "eval", eval_tokens=args.tokens)])
-    cal_ids = torch.tensor([pydoc_tokens(tok, 2048, "calibrate", eval_tokens=args.tokens)])
-    # held out from both: the calibration topics after those 2048 tokens, to rank candidate plans
-    val_ids = torch.tensor([pydoc_tokens(tok, 2048 + VALIDATE_TOKENS, "calibrate", eval_tokens=args.tokens)[2048:]])
+    # val_ids: held out from both, the calibration topics after the calibration text, to rank candidate plans
+    cal, val, _ = calibration_texts(tok, args.tokens)
+    cal_ids, val_ids = torch.tensor([cal]), torch.tensor([val])
     cfg = model.config
     fp16 = torch.float16
 
@@ -424,14 +441,13 @@ def unseen_windows(model, tok, args) -> int:
     import torch
     import transformers
 
-    from lmcache.commands.calibrate import pydoc_tokens, reference_logprobs
+    from lmcache.commands.calibrate import reference_logprobs
 
     out = args.out or default_out()
     with open(out) as f:
         doc = json.load(f)
     n, w = args.unseen_windows, args.tokens
-    skip = 2048 + VALIDATE_TOKENS  # the calibration text, then the held-out ranking text
-    text = pydoc_tokens(tok, skip + n * w, "calibrate", eval_tokens=args.tokens)[skip:]
+    wins = calibration_texts(tok, args.tokens, n, w)[2]
     settings = {name: st for name, _, st in ROWS}
     makers = {"full precision (DynamicCache fp32)": transformers.DynamicCache}
     for pair in SAME_BYTES:
@@ -441,7 +457,7 @@ def unseen_windows(model, tok, args) -> int:
             makers[name] = lambda st=st, plan=plan: lmcache_cache(st, model.config, plan)
     ppl, kls = {name: [] for name in makers}, {name: [] for name in makers}
     for i in range(n):
-        ids = torch.tensor([text[i * w:(i + 1) * w]])
+        ids = torch.tensor([wins[i]])
         ref = reference_logprobs(model, ids, chunk=args.chunk)
         for name, make in makers.items():
             p, kl = evaluate(model, ids, make(), args.chunk, ref)

@@ -54,11 +54,10 @@ def main() -> int:
     from lmcache.integrations import hf
 
     model, tok = hf.load_model(cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "lmcache"))
-    w, n_win, val = 2048, 8, acc.VALIDATE_TOKENS
-    skip = 2048 + val
-    cal = pydoc_tokens(tok, skip + n_win * w, "calibrate", eval_tokens=w)
-    texts = {"held-out": cal[2048:skip]} | {f"window {i}": cal[skip + i * w:skip + (i + 1) * w] for i in range(n_win)}
-    reference_only = {"evaluated": pydoc_tokens(tok, w, "eval", eval_tokens=w), "calibration": cal[:2048]}
+    w = 2048  # the evaluated text's length and the windows', as bench/accuracy.py runs them
+    cal, val, wins = acc.calibration_texts(tok, w, 8, w)
+    texts = {"held-out": val} | {f"window {i}": t for i, t in enumerate(wins)}
+    reference_only = {"evaluated": pydoc_tokens(tok, w, "eval", eval_tokens=w), "calibration": cal}
     res = {"meta": {"benchmark": "sinks", "device": cpu_name(), "model": "SmolLM2-135M-Instruct",
                     "texts": "pydoc_data.topics as in bench/accuracy.py: the held-out ranking text (8192 tokens) "
                              "and the 8 unseen windows of 2048 tokens; evaluated and calibration texts for the "

@@ -145,7 +145,6 @@ def layer_loss_increase(model, input_ids, *, bits: int = 2, chunk: int = 256, kv
     ``sides=True``: keys and values of each layer measured apart, ``[layers][2]`` (K, V),
     two passes per layer.
     """
-
     from ..integrations.hf import HFCache
     from ..plan import QuantPlan
 
